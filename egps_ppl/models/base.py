@@ -1,0 +1,215 @@
+"""The protocol every language-model backend implements.
+
+Two batched primitives, each returning per-token statistics (see :class:`egps_ppl.state.Sequences`):
+
+* ``extend(seqs, start, stop, generator)`` keeps each row's first ``start`` tokens and samples the positions
+  ``start <= t < stop`` from the row's token policy, stopping a row after EOS;
+* ``score(seqs, start)`` teacher-forces the given tokens and recomputes the statistics from ``start`` on.
+
+Backends reuse what they can (a KV cache of the kept prefix), so a move that cuts at position i costs about
+``n - i`` decode steps, not ``n``. Both return a :class:`Cost` with per-row token counts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from egps_ppl.errors import EGPSError, NumericalError, check_positive_int
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import PAD, Sequences
+
+
+@dataclass
+class Cost:
+    """Compute spent by one backend call (or a sum of them)."""
+
+    decode_tokens: torch.Tensor  # LongTensor[C]: tokens sampled one after another
+    scored_tokens: torch.Tensor  # LongTensor[C]: tokens run through the model in parallel (teacher forcing)
+    forward_calls: int = 0
+
+    @classmethod
+    def zero(cls, num_rows: int, device: torch.device | str = "cpu") -> Cost:
+        z = torch.zeros(num_rows, dtype=torch.long, device=device)
+        return cls(z, z.clone(), 0)
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.decode_tokens + other.decode_tokens,
+            self.scored_tokens + other.scored_tokens,
+            self.forward_calls + other.forward_calls,
+        )
+
+
+@dataclass
+class NextToken:
+    """Statistics of the next-token distributions at a batch of histories."""
+
+    logp: torch.Tensor  # [..., V] base log-probabilities (float32 or float64)
+    logq: torch.Tensor  # [..., V] policy log-probabilities
+    entropy: torch.Tensor  # [...] Shannon entropy of p
+    logz: torch.Tensor  # [...] log Σ_kept p^alpha
+
+
+def next_token_stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
+    """Turn raw logits into :class:`NextToken` statistics, in at least float32.
+
+    Raises :class:`NumericalError` on NaN or +inf logits, or a row with no finite logit.
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise NumericalError("the model returned NaN or +inf logits; check the weights and dtype")
+    logp = torch.log_softmax(logits, dim=-1)
+    if torch.isnan(logp).any():
+        raise NumericalError("the model returned a row of logits that are all -inf")
+    probs = logp.exp()
+    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    logq, logz = policy.apply(logp)
+    return NextToken(logp, logq, entropy, logz)
+
+
+def sample_tokens(logq: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from ``exp(logq[C, V])``."""
+    probs = logq.exp()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def as_prompt(prompt: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Validate token ids and return them as a 1-D LongTensor."""
+    ids = torch.as_tensor(list(prompt) if not torch.is_tensor(prompt) else prompt, dtype=torch.long)
+    if ids.dim() != 1:
+        raise EGPSError("a prompt must be a flat list of token ids")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise EGPSError(f"prompt token ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
+    return ids
+
+
+class LanguageModel(ABC):
+    """A next-token distribution with batched sampling and scoring.
+
+    Subclasses set ``name``, ``vocab_size``, ``eos_token_id`` and ``context_length`` (``None`` if unbounded),
+    and implement :meth:`extend` and :meth:`score`. Backends with a cache override :meth:`merge` and
+    :meth:`take` to carry it along.
+    """
+
+    name: str = "model"
+    vocab_size: int
+    eos_token_id: int | None
+    context_length: int | None = None
+    requires_prompt: bool = False
+
+    # ------------------------------------------------------------ text (optional)
+    def encode(self, text: str) -> list[int]:
+        raise EGPSError(f"model {self.name!r} has no tokenizer; pass token ids instead of text")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+    # ------------------------------------------------------------ batches
+    def start(
+        self,
+        prompt: Sequence[int] | torch.Tensor,
+        num_rows: int,
+        capacity: int,
+        policy: PowerPolicy,
+    ) -> Sequences:
+        """Empty completions of ``prompt`` (validated against the vocabulary and the context window)."""
+        check_positive_int("num_rows", num_rows)
+        check_positive_int("max_new_tokens", capacity)
+        ids = as_prompt(prompt, self.vocab_size)
+        if self.requires_prompt and ids.numel() == 0:
+            raise EGPSError(f"model {self.name!r} needs a non-empty prompt")
+        if self.context_length is not None and ids.numel() + capacity > self.context_length:
+            raise EGPSError(
+                f"prompt ({ids.numel()} tokens) + max_new_tokens ({capacity}) exceeds the context window of "
+                f"{self.name!r} ({self.context_length} tokens)"
+            )
+        return Sequences.empty(ids, num_rows, capacity, policy, self.eos_token_id, self._prompt_cache(ids, num_rows))
+
+    def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> object:
+        """Backend cache for ``num_rows`` copies of the prompt (``None`` if the backend keeps none)."""
+        return None
+
+    def from_tokens(
+        self,
+        prompt: Sequence[int] | torch.Tensor,
+        completions: Sequence[Sequence[int]],
+        capacity: int,
+        policy: PowerPolicy,
+    ) -> tuple[Sequences, Cost]:
+        """Score given completions (e.g. ``--init`` lines) into a batch with statistics."""
+        seqs = self.start(prompt, len(completions), capacity, policy)
+        tokens = seqs.tokens.clone()
+        for row, ids in enumerate(completions):
+            ids = list(ids)
+            if not ids:
+                raise EGPSError(f"initial completion {row} is empty")
+            if len(ids) > capacity:
+                raise EGPSError(f"initial completion {row} has {len(ids)} tokens > max_new_tokens={capacity}")
+            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise EGPSError(f"initial completion {row} has unknown token ids {bad[:5]}")
+            if self.eos_token_id is not None and self.eos_token_id in ids[:-1]:
+                raise EGPSError(f"initial completion {row} has EOS before its last token")
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        length = torch.tensor([len(list(c)) for c in completions], dtype=torch.long)
+        return self.score(seqs.with_(tokens=tokens, length=length), torch.zeros_like(length))
+
+    def with_policy(self, seqs: Sequences, policy: PowerPolicy) -> tuple[Sequences, Cost]:
+        """``seqs`` with ``logq``/``logz`` under ``policy`` (rescored only if the policy differs)."""
+        if seqs.policy == policy:
+            return seqs, Cost.zero(seqs.num_rows, seqs.device)
+        return self.score(seqs.with_(policy=policy), torch.zeros_like(seqs.length))
+
+    @abstractmethod
+    def extend(
+        self,
+        seqs: Sequences,
+        start: torch.Tensor,
+        stop: torch.Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Sequences, Cost]:
+        """Keep each row's first ``start`` tokens and sample positions ``start <= t < stop`` (default
+        ``seqs.limit``) from ``seqs.policy``; a row stops after EOS. Rows whose kept prefix ends in EOS are
+        left as they are."""
+
+    @abstractmethod
+    def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
+        """Recompute the statistics of positions ``start <= t < length`` by teacher forcing."""
+
+    def merge(self, take_other: torch.Tensor, current: Sequences, other: Sequences) -> Sequences:
+        """Row-wise choice between ``current`` and ``other`` (a proposal derived from it)."""
+        return current.where(take_other, other, cache=None)
+
+    def take(self, seqs: Sequences, index: torch.Tensor) -> Sequences:
+        """Rows ``index`` of ``seqs`` (repeats allowed)."""
+        return seqs.take(index, cache=None)
+
+    # ------------------------------------------------------------ helpers for subclasses
+    @staticmethod
+    def _stop_tensor(seqs: Sequences, stop: torch.Tensor | int | None) -> torch.Tensor:
+        if stop is None:
+            stop = seqs.limit
+        stop_t = torch.as_tensor(stop, dtype=torch.long, device=seqs.device).expand(seqs.num_rows).clone()
+        return stop_t.clamp(max=seqs.limit)
+
+    @staticmethod
+    def _check_start(seqs: Sequences, start: torch.Tensor) -> None:
+        if (start < 0).any() or (start > seqs.length).any():
+            raise EGPSError("extend/score: start must lie in [0, length] for every row")
+
+
+__all__ = [
+    "PAD",
+    "Cost",
+    "LanguageModel",
+    "NextToken",
+    "PowerPolicy",
+    "as_prompt",
+    "next_token_stats",
+    "sample_tokens",
+]

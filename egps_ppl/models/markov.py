@@ -1,0 +1,189 @@
+"""An exact tabular Markov language model: the next token depends only on the previous one.
+
+Small enough to enumerate, so every sampler can be checked against exact probabilities; exact power-distribution
+quantities (normaliser, sampler, marginals) live in :mod:`egps_ppl.models.exact`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from egps_ppl.errors import EGPSError, ModelFileError
+from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_tokens
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import PAD, Sequences
+
+ROW_TOLERANCE = 1e-6
+
+
+class MarkovLM(LanguageModel):
+    """p(x_1 = v) = initial[v] (or transition[prompt[-1], v]), p(x_t = v | x_{t-1} = u) = transition[u, v].
+
+    Parameters
+    ----------
+    initial:
+        ``[V]`` probabilities of the first completion token when the prompt is empty.
+    transition:
+        ``[V, V]`` row-stochastic matrix.
+    eos_token_id:
+        The end-of-sequence token.
+    """
+
+    def __init__(
+        self,
+        initial: Sequence[float] | torch.Tensor,
+        transition: Sequence[Sequence[float]] | torch.Tensor,
+        eos_token_id: int,
+        name: str = "markov",
+    ) -> None:
+        init = _as_float_tensor(initial, "initial")
+        trans = _as_float_tensor(transition, "transition")
+        vocab = init.shape[0] if init.dim() == 1 else -1
+        if init.dim() != 1 or vocab < 2:
+            raise ModelFileError("'initial' must be a list of at least 2 probabilities")
+        if trans.shape != (vocab, vocab):
+            raise ModelFileError(
+                f"'transition' must be a {vocab}x{vocab} matrix (V from 'initial'), got {tuple(trans.shape)}"
+            )
+        _check_distribution(init.unsqueeze(0), "'initial'")
+        _check_distribution(trans, "'transition'")
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab:
+            raise ModelFileError(f"'eos' must be a token id in [0, {vocab}), got {eos_token_id!r}")
+        self.name = name
+        self.vocab_size = vocab
+        self.eos_token_id = eos_token_id
+        self.initial = init
+        self.transition = trans
+        with torch.no_grad():
+            # Row V of the table is the "no previous token" state (empty prompt).
+            self.log_table = torch.cat([trans, init.unsqueeze(0)]).log()
+        self._stats_cache: dict[PowerPolicy, NextToken] = {}
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_json(cls, path: str | Path) -> MarkovLM:
+        """Load ``{"initial": [V], "transition": [[V] x V], "eos": id}``; malformed files raise clearly."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelFileError(f"Markov model file not found: {path}") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"Markov model file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not {"initial", "transition", "eos"} <= set(data):
+            raise ModelFileError(f"Markov model file {path} needs the keys 'initial', 'transition' and 'eos'")
+        try:
+            return cls(data["initial"], data["transition"], data["eos"], name=f"markov:{path}")
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(
+            json.dumps(
+                {"initial": self.initial.tolist(), "transition": self.transition.tolist(), "eos": self.eos_token_id}
+            )
+        )
+
+    # ------------------------------------------------------------ statistics per state
+    def state_stats(self, policy: PowerPolicy) -> NextToken:
+        """Next-token statistics for every state (rows 0..V-1: previous token, row V: start)."""
+        stats = self._stats_cache.get(policy)
+        if stats is None:
+            stats = next_token_stats(self.log_table, policy)
+            self._stats_cache[policy] = stats
+        return stats
+
+    def _previous(self, seqs: Sequences, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """State index before position ``pos`` of each row (V = start of an empty prompt)."""
+        first = int(seqs.prompt[-1]) if seqs.prompt.numel() else self.vocab_size
+        prev = tokens.gather(1, (pos - 1).clamp(min=0).unsqueeze(-1) if pos.dim() == 1 else (pos - 1).clamp(min=0))
+        prev = prev.squeeze(-1) if pos.dim() == 1 else prev
+        return torch.where(pos == 0, torch.full_like(prev, first), prev)
+
+    # ------------------------------------------------------------ protocol
+    def extend(
+        self,
+        seqs: Sequences,
+        start: torch.Tensor,
+        stop: torch.Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Sequences, Cost]:
+        self._check_start(seqs, start)
+        stop_t = self._stop_tensor(seqs, stop)
+        out = seqs.truncated(start)
+        tokens, length = out.tokens.clone(), out.length.clone()
+        logp, logq, ent, logz = out.logp.clone(), out.logq.clone(), out.entropy.clone(), out.logz.clone()
+        stats = self.state_stats(seqs.policy)
+        decoded = torch.zeros_like(length)
+        calls = 0
+        done = out.finished()
+        rows = torch.arange(seqs.num_rows)
+        while True:
+            active = ~done & (length < stop_t)
+            if not active.any():
+                break
+            r = rows[active]
+            pos = length[r]
+            state = self._previous(out, tokens[r], pos)
+            new = sample_tokens(stats.logq[state], generator)
+            tokens[r, pos] = new
+            logp[r, pos] = stats.logp[state, new]
+            logq[r, pos] = stats.logq[state, new]
+            ent[r, pos] = stats.entropy[state]
+            logz[r, pos] = stats.logz[state]
+            length[r] = pos + 1
+            decoded[r] += 1
+            done[r] = new == self.eos_token_id
+            calls += 1
+        result = out.with_(tokens=tokens, length=length, logp=logp, logq=logq, entropy=ent, logz=logz)
+        return result, Cost(decoded, torch.zeros_like(decoded), calls)
+
+    def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
+        self._check_start(seqs, start)
+        stats = self.state_stats(seqs.policy)
+        pos = seqs.positions().expand(seqs.num_rows, -1)
+        mask = (pos >= start.unsqueeze(1)) & seqs.valid_mask()
+        safe = torch.where(seqs.valid_mask(), seqs.tokens, torch.zeros_like(seqs.tokens))
+        if (safe < 0).any() or (safe >= self.vocab_size).any():
+            raise EGPSError(f"token ids must lie in [0, {self.vocab_size})")
+        state = self._previous(seqs, safe, pos)
+        zero = torch.zeros((), dtype=torch.float64)
+        result = seqs.with_(
+            logp=torch.where(mask, stats.logp[state, safe], seqs.logp),
+            logq=torch.where(mask, stats.logq[state, safe], seqs.logq),
+            entropy=torch.where(mask, stats.entropy[state], seqs.entropy),
+            logz=torch.where(mask, stats.logz[state], seqs.logz),
+            tokens=torch.where(seqs.valid_mask(), seqs.tokens, torch.full_like(seqs.tokens, PAD)),
+        )
+        result = result.with_(
+            logp=torch.where(result.valid_mask(), result.logp, zero),
+            logq=torch.where(result.valid_mask(), result.logq, zero),
+        )
+        scored = mask.sum(1)
+        return result, Cost(torch.zeros_like(scored), scored, 1)
+
+
+def _as_float_tensor(value: object, name: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ModelFileError(f"{name!r} must be numbers (a list or a matrix of floats)") from None
+    return tensor
+
+
+def _check_distribution(rows: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(rows).all():
+        raise ModelFileError(f"{name} contains NaN or infinite values")
+    if (rows < 0).any():
+        raise ModelFileError(f"{name} contains negative probabilities")
+    sums = rows.sum(-1)
+    bad = ((sums - 1).abs() > ROW_TOLERANCE).nonzero().flatten().tolist()
+    if bad:
+        raise ModelFileError(
+            f"{name} rows must sum to 1 within {ROW_TOLERANCE:g}; row {bad[0]} sums to {sums[bad[0]].item():.8g}"
+        )
+

@@ -1,0 +1,182 @@
+"""The chain state: a batch of C token sequences with the per-position statistics kernels need.
+
+Keeping ``logp``, ``logq``, ``entropy`` and ``logz`` for every position in the state makes an acceptance
+ratio cost only the changed part of a sequence: the unchanged prefix is never rescored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+PAD = -1
+"""Token id used for positions past a sequence's end (also in the ArviZ export)."""
+
+STAT_NAMES = ("logp", "logq", "entropy", "logz")
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """C completions of one prompt, padded to a common capacity.
+
+    Attributes
+    ----------
+    prompt:
+        ``LongTensor[P]``, shared by all rows (may be empty for Markov models).
+    tokens:
+        ``LongTensor[C, T]`` completion tokens, ``PAD`` past ``length``.
+    length:
+        ``LongTensor[C]`` number of completion tokens of each row.
+    logp, logq, entropy, logz:
+        ``float64[C, T]`` per position: log p(x_t | h_t) under the base model, log q(x_t | h_t) under
+        ``policy``, the Shannon entropy of p(. | h_t) and log sum_v p(v | h_t)^policy.alpha; zero past ``length``.
+    limit:
+        Current maximum completion length (``<= T``). The block-wise schedule grows it; a row that reaches
+        ``limit`` without EOS is a valid, unfinished member of the target's support.
+    policy:
+        The token policy that ``logq`` and ``logz`` refer to.
+    eos_token_id:
+        End-of-sequence id (or ``None`` when the model has none).
+    cache:
+        Opaque backend handle (e.g. a KV pool); ``None`` where the backend needs none.
+    """
+
+    prompt: torch.Tensor
+    tokens: torch.Tensor
+    length: torch.Tensor
+    logp: torch.Tensor
+    logq: torch.Tensor
+    entropy: torch.Tensor
+    logz: torch.Tensor
+    limit: int
+    policy: Any
+    eos_token_id: int | None
+    cache: Any = None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def empty(
+        cls,
+        prompt: torch.Tensor,
+        num_rows: int,
+        capacity: int,
+        policy: Any,
+        eos_token_id: int | None,
+        cache: Any = None,
+        device: torch.device | str = "cpu",
+    ) -> Sequences:
+        """Rows with no completion tokens yet."""
+        zeros = torch.zeros(num_rows, capacity, dtype=torch.float64, device=device)
+        return cls(
+            prompt=prompt,
+            tokens=torch.full((num_rows, capacity), PAD, dtype=torch.long, device=device),
+            length=torch.zeros(num_rows, dtype=torch.long, device=device),
+            logp=zeros,
+            logq=zeros.clone(),
+            entropy=zeros.clone(),
+            logz=zeros.clone(),
+            limit=capacity,
+            policy=policy,
+            eos_token_id=eos_token_id,
+            cache=cache,
+        )
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def positions(self) -> torch.Tensor:
+        """``LongTensor[1, T]`` of completion positions, for masks."""
+        return torch.arange(self.capacity, device=self.device).unsqueeze(0)
+
+    def valid_mask(self) -> torch.Tensor:
+        """``bool[C, T]``: positions holding a completion token."""
+        return self.positions() < self.length.unsqueeze(1)
+
+    def finished(self) -> torch.Tensor:
+        """``bool[C]``: rows whose last token is EOS."""
+        if self.eos_token_id is None:
+            return torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+        last = self.tokens.gather(1, (self.length - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return (self.length > 0) & (last == self.eos_token_id)
+
+    def complete(self) -> torch.Tensor:
+        """``bool[C]``: rows that cannot grow further (EOS, or at ``limit``)."""
+        return self.finished() | (self.length >= self.limit)
+
+    # ----------------------------------------------------------------- sums
+    def total(self, stat: str, start: torch.Tensor | None = None) -> torch.Tensor:
+        """``float64[C]``: sum of ``stat`` over positions ``start <= t < length`` (``start`` defaults to 0)."""
+        values = getattr(self, stat)
+        mask = self.valid_mask()
+        if start is not None:
+            mask = mask & (self.positions() >= start.unsqueeze(1))
+        return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)
+
+    def log_p(self) -> torch.Tensor:
+        """``float64[C]``: log p(x | prompt) of each row."""
+        return self.total("logp")
+
+    # ----------------------------------------------------------------- rows
+    def row_tokens(self, row: int) -> list[int]:
+        """Completion token ids of one row as a Python list."""
+        return self.tokens[row, : int(self.length[row])].tolist()
+
+    def with_(self, **changes: Any) -> Sequences:
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+    def where(self, take_other: torch.Tensor, other: Sequences, cache: Any = None) -> Sequences:
+        """Row-wise choice: ``other`` where ``take_other`` is true, else ``self``.
+
+        ``cache`` is the already-merged backend handle (backends provide the merge).
+        """
+        mask2 = take_other.unsqueeze(1)
+        return replace(
+            self,
+            tokens=torch.where(mask2, other.tokens, self.tokens),
+            length=torch.where(take_other, other.length, self.length),
+            logp=torch.where(mask2, other.logp, self.logp),
+            logq=torch.where(mask2, other.logq, self.logq),
+            entropy=torch.where(mask2, other.entropy, self.entropy),
+            logz=torch.where(mask2, other.logz, self.logz),
+            cache=cache,
+        )
+
+    def take(self, index: torch.Tensor, cache: Any = None) -> Sequences:
+        """Rows ``index`` (repeats allowed), with the backend's already-selected ``cache``."""
+        return replace(
+            self,
+            tokens=self.tokens[index],
+            length=self.length[index],
+            logp=self.logp[index],
+            logq=self.logq[index],
+            entropy=self.entropy[index],
+            logz=self.logz[index],
+            cache=cache,
+        )
+
+    def truncated(self, start: torch.Tensor) -> Sequences:
+        """Rows cut to their first ``start`` tokens (stats past the cut zeroed, cache kept)."""
+        keep = self.positions() < start.unsqueeze(1)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return replace(
+            self,
+            tokens=torch.where(keep, self.tokens, torch.full_like(self.tokens, PAD)),
+            length=torch.minimum(self.length, start),
+            logp=torch.where(keep, self.logp, zero),
+            logq=torch.where(keep, self.logq, zero),
+            entropy=torch.where(keep, self.entropy, zero),
+            logz=torch.where(keep, self.logz, zero),
+        )
