@@ -73,9 +73,15 @@ def next_token_stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
 
 
 def sample_tokens(logq: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from ``exp(logq[C, V])``."""
-    probs = logq.exp()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    """One draw per row from ``exp(logq[C, V])`` by inverting the CDF (zero-probability tokens never come out)."""
+    return sample_from_cdf(torch.cumsum(logq.exp(), dim=-1), generator)
+
+
+def sample_from_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row given unnormalised cumulative weights ``cdf[C, V]``."""
+    u = torch.rand(cdf.shape[0], dtype=cdf.dtype, generator=generator, device="cpu").to(cdf.device)
+    draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return draws.clamp(max=cdf.shape[1] - 1)
 
 
 def as_prompt(prompt: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -211,5 +217,6 @@ __all__ = [
     "PowerPolicy",
     "as_prompt",
     "next_token_stats",
+    "sample_from_cdf",
     "sample_tokens",
 ]

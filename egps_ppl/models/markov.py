@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from egps_ppl.errors import EGPSError, ModelFileError
-from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_tokens
+from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_from_cdf
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import PAD, Sequences
 
@@ -61,7 +61,7 @@ class MarkovLM(LanguageModel):
         with torch.no_grad():
             # Row V of the table is the "no previous token" state (empty prompt).
             self.log_table = torch.cat([trans, init.unsqueeze(0)]).log()
-        self._stats_cache: dict[PowerPolicy, NextToken] = {}
+        self._stats_cache: dict[object, object] = {}
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -115,32 +115,40 @@ class MarkovLM(LanguageModel):
         self._check_start(seqs, start)
         stop_t = self._stop_tensor(seqs, stop)
         out = seqs.truncated(start)
-        tokens, length = out.tokens.clone(), out.length.clone()
-        logp, logq, ent, logz = out.logp.clone(), out.logq.clone(), out.entropy.clone(), out.logz.clone()
-        stats = self.state_stats(seqs.policy)
+        stats, cdf = self.state_stats(seqs.policy), self._cdf(seqs.policy)
+        # Work on full columns with one scratch column (index T) that inactive rows write into: no boolean
+        # indexing in the loop, which matters with 10^5 chains.
+        scratch = torch.zeros(seqs.num_rows, 1, dtype=torch.float64)
+        tokens = torch.cat([out.tokens, torch.full_like(out.length, PAD).unsqueeze(1)], 1)
+        columns = {name: torch.cat([getattr(out, name), scratch], 1) for name in ("logp", "logq", "entropy", "logz")}
+        length = out.length.clone()
+        prev = self._previous(out, out.tokens, length)
+        active = ~out.finished() & (length < stop_t)
         decoded = torch.zeros_like(length)
         calls = 0
-        done = out.finished()
-        rows = torch.arange(seqs.num_rows)
-        while True:
-            active = ~done & (length < stop_t)
-            if not active.any():
-                break
-            r = rows[active]
-            pos = length[r]
-            state = self._previous(out, tokens[r], pos)
-            new = sample_tokens(stats.logq[state], generator)
-            tokens[r, pos] = new
-            logp[r, pos] = stats.logp[state, new]
-            logq[r, pos] = stats.logq[state, new]
-            ent[r, pos] = stats.entropy[state]
-            logz[r, pos] = stats.logz[state]
-            length[r] = pos + 1
-            decoded[r] += 1
-            done[r] = new == self.eos_token_id
+        while bool(active.any()):
+            new = sample_from_cdf(cdf[prev], generator)
+            slot = torch.where(active, length, seqs.capacity).unsqueeze(1)
+            tokens.scatter_(1, slot, new.unsqueeze(1))
+            columns["logp"].scatter_(1, slot, stats.logp[prev, new].unsqueeze(1))
+            columns["logq"].scatter_(1, slot, stats.logq[prev, new].unsqueeze(1))
+            columns["entropy"].scatter_(1, slot, stats.entropy[prev].unsqueeze(1))
+            columns["logz"].scatter_(1, slot, stats.logz[prev].unsqueeze(1))
+            length += active
+            decoded += active
+            prev = torch.where(active, new, prev)
+            active = active & (new != self.eos_token_id) & (length < stop_t)
             calls += 1
-        result = out.with_(tokens=tokens, length=length, logp=logp, logq=logq, entropy=ent, logz=logz)
+        result = out.with_(tokens=tokens[:, :-1], length=length, **{k: v[:, :-1] for k, v in columns.items()})
         return result, Cost(decoded, torch.zeros_like(decoded), calls)
+
+    def _cdf(self, policy: PowerPolicy) -> torch.Tensor:
+        key = ("cdf", policy)
+        cdf = self._stats_cache.get(key)
+        if cdf is None:
+            cdf = torch.cumsum(self.state_stats(policy).logq.exp(), dim=-1)
+            self._stats_cache[key] = cdf
+        return cdf
 
     def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
         self._check_start(seqs, start)
@@ -186,4 +194,3 @@ def _check_distribution(rows: torch.Tensor, name: str) -> None:
         raise ModelFileError(
             f"{name} rows must sum to 1 within {ROW_TOLERANCE:g}; row {bad[0]} sums to {sums[bad[0]].item():.8g}"
         )
-

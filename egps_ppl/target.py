@@ -1,0 +1,106 @@
+"""The unnormalised target: the sequence-level power distribution π(x) ∝ p(x | prompt)^α · exp(extra(x))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from egps_ppl.errors import EGPSError, check_alpha, check_positive_int
+from egps_ppl.models.base import Cost, LanguageModel
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import Sequences
+
+LogFactor = Callable[[Sequences], torch.Tensor]
+"""An extra log-factor: maps a batch of completions to ``float64[C]`` (a reward tilt, or -inf to forbid)."""
+
+
+class PowerDistribution:
+    """π(x) ∝ p(x | prompt)^α · exp(log_factor(x)) over completions of at most ``max_new_tokens`` tokens.
+
+    The support is every sequence that ends in EOS within ``max_new_tokens`` tokens plus every sequence of
+    exactly ``max_new_tokens`` tokens without EOS, so for a finite vocabulary π is a proper distribution.
+
+    Parameters
+    ----------
+    lm:
+        Any backend implementing :class:`egps_ppl.models.base.LanguageModel`.
+    prompt:
+        Token ids, or text (encoded with the model's tokenizer).
+    alpha:
+        The power, ``> 0`` (the papers use 4). ``alpha = 1`` is the base model itself.
+    max_new_tokens:
+        Maximum completion length ``T``.
+    log_factor:
+        Optional extra log-factor, e.g. ``lambda seqs: 2.0 * reward(seqs)``; new targets are one function.
+
+    Examples
+    --------
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> lm = random_markov(4, seed=0)
+    >>> target = PowerDistribution(lm, prompt=[], alpha=4.0, max_new_tokens=5)
+    >>> target.alpha
+    4.0
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        prompt: Sequence[int] | torch.Tensor | str,
+        alpha: float,
+        max_new_tokens: int,
+        log_factor: LogFactor | None = None,
+    ) -> None:
+        self.lm = lm
+        self.alpha = check_alpha(alpha)
+        self.max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EGPSError("the prompt is empty; pass some text or token ids")
+            prompt = lm.encode(prompt)
+        self.prompt = torch.as_tensor(list(prompt) if not torch.is_tensor(prompt) else prompt, dtype=torch.long)
+        self.log_factor = log_factor
+        # Validates the prompt (vocabulary, emptiness, context window) once, up front.
+        lm.start(self.prompt, 1, self.max_new_tokens, self.default_policy())
+
+    def default_policy(self) -> PowerPolicy:
+        """The low-temperature proposal q ∝ p^α used by the standard kernels."""
+        return PowerPolicy(self.alpha)
+
+    # ------------------------------------------------------------ densities
+    def log_prob(self, seqs: Sequences) -> torch.Tensor:
+        """Unnormalised log π of each row: ``α·log p(x) + log_factor(x)`` (``float64[C]``)."""
+        value = self.alpha * seqs.log_p()
+        if self.log_factor is not None:
+            value = value + torch.as_tensor(self.log_factor(seqs), dtype=torch.float64, device=value.device)
+        return value
+
+    def potential(self, seqs: Sequences) -> torch.Tensor:
+        """Pyro's convention: the negative unnormalised log density."""
+        return -self.log_prob(seqs)
+
+    # ------------------------------------------------------------ batches
+    def empty(self, num_chains: int, policy: PowerPolicy | None = None, limit: int | None = None) -> Sequences:
+        """``num_chains`` empty completions of the prompt (with the backend's prompt cache)."""
+        seqs = self.lm.start(self.prompt, num_chains, self.max_new_tokens, policy or self.default_policy())
+        return seqs if limit is None else seqs.with_(limit=min(limit, self.max_new_tokens))
+
+    def sample_proposal(
+        self,
+        num_chains: int,
+        generator: torch.Generator | None = None,
+        policy: PowerPolicy | None = None,
+        limit: int | None = None,
+    ) -> tuple[Sequences, Cost]:
+        """Ancestral samples from the token policy (default: q ∝ p^α, i.e. low-temperature sampling)."""
+        seqs = self.empty(num_chains, policy, limit)
+        return self.lm.extend(seqs, torch.zeros(num_chains, dtype=torch.long), generator=generator)
+
+    def from_completions(
+        self, completions: Sequence[Sequence[int]], policy: PowerPolicy | None = None
+    ) -> tuple[Sequences, Cost]:
+        """Score given completions (one list of token ids per chain)."""
+        return self.lm.from_tokens(self.prompt, completions, self.max_new_tokens, policy or self.default_policy())
+
+    def describe(self) -> str:
+        return f"PowerDistribution(model={self.lm.name}, alpha={self.alpha:g}, max_new_tokens={self.max_new_tokens})"

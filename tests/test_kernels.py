@@ -1,0 +1,112 @@
+"""Exact invariance of every core kernel on enumerable Markov models, and convergence from a bad start."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import egps_ppl.kernels.mh as mh_module
+from egps_ppl.kernels import Cycle, MetropolisHastings, Mixture, SuffixProposal
+from egps_ppl.kernels.presets import build_kernel
+from egps_ppl.models.exact import ExactPower
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.models.testbeds import random_markov
+from egps_ppl.target import PowerDistribution
+from egps_ppl.testing import assert_invariant, check_invariance, distance_to_target
+
+KERNELS = {
+    "mh": MetropolisHastings,
+    "mh-plain-proposal": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(1.0))),
+    "mh-top-k": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(t.alpha, top_k=2))),
+    "mh-top-p": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(t.alpha, top_p=0.9999))),
+    "cycle": lambda t: Cycle([MetropolisHastings(t), MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(1.5)))]),
+    "mixture": lambda t: Mixture([MetropolisHastings(t), Cycle([MetropolisHastings(t)] * 2)], [0.3, 0.7]),
+    "spec-mixture": lambda t: build_kernel("mixture(mh:1,cycle(mh,mh):2)", t),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize(("vocab", "alpha", "length", "prompt"), [(3, 4.0, 5, ()), (4, 2.0, 4, (2,))])
+def test_kernel_leaves_power_distribution_invariant(kernel, vocab, alpha, length, prompt):
+    model = random_markov(vocab, seed=vocab, eos_token_id=0, concentration=0.7)
+    report = assert_invariant(KERNELS[kernel], model, alpha, length, num_chains=100_000, steps=2, prompt=prompt)
+    assert report.num_states > 10
+
+
+def test_mh_invariant_with_frequent_eos(eos_heavy_model):
+    assert_invariant(MetropolisHastings, eos_heavy_model, alpha=4.0, max_new_tokens=5, num_chains=200_000, steps=3)
+
+
+def test_alpha_one_and_fractional_alpha(eos_heavy_model):
+    for alpha in (1.0, 0.5):
+        assert_invariant(MetropolisHastings, eos_heavy_model, alpha, max_new_tokens=4, num_chains=100_000)
+
+
+def test_invariance_check_catches_a_missing_cut_choice_term(eos_heavy_model, monkeypatch):
+    """Dropping log P_x'(i) - log P_x(i) (as the reference code does) is detected."""
+    monkeypatch.setattr(mh_module, "site_log_prob", lambda log_probs, cut: torch.zeros(cut.shape, dtype=torch.float64))
+    report = check_invariance(MetropolisHastings, eos_heavy_model, 4.0, 5, num_chains=200_000, steps=3)
+    assert report.p_value < 1e-6
+    assert not report.passed()
+
+
+def test_invariance_check_catches_a_wrong_proposal_density(eos_heavy_model):
+    """A proposal that samples at one temperature but reports another's density is detected."""
+
+    class MislabelledProposal(SuffixProposal):
+        def propose(self, target, state, cut, generator):
+            proposed = super().propose(target, state, cut, generator)
+            proposed.log_q_forward = proposed.log_q_forward * 0.5
+            return proposed
+
+    report = check_invariance(
+        lambda t: MetropolisHastings(t, proposal=MislabelledProposal(t.default_policy())),
+        eos_heavy_model,
+        4.0,
+        5,
+        num_chains=200_000,
+        steps=3,
+    )
+    assert not report.passed()
+
+
+def test_chains_converge_from_the_least_likely_start(eos_heavy_model):
+    target = PowerDistribution(eos_heavy_model, [], alpha=3.0, max_new_tokens=4)
+    support, log_pi = ExactPower(eos_heavy_model, 3.0, 4).enumerate()
+    worst = list(support[int(log_pi.argmin())])
+    state, _ = target.from_completions([worst] * 20_000)
+    kernel = MetropolisHastings(target)
+    generator = torch.Generator().manual_seed(0)
+    distances = [distance_to_target(target, state).tv]
+    for _ in range(3):
+        for _ in range(5):
+            state, _ = kernel.step(state, generator)
+        distances.append(distance_to_target(target, state).tv)
+    assert distances[0] > 0.9
+    assert all(later < earlier for earlier, later in itertools.pairwise(distances))
+    assert distances[-1] < 0.1
+
+
+def test_step_info_counts(eos_heavy_model, generator):
+    target = PowerDistribution(eos_heavy_model, [], alpha=2.0, max_new_tokens=6)
+    state, _ = target.sample_proposal(500, generator)
+    new, info = MetropolisHastings(target).step(state, generator)
+    assert ((info.cut >= 0) & (info.cut < state.length)).all()
+    assert (info.accept_prob >= 0).all() and (info.accept_prob <= 1).all()
+    # Markov decoding: one decode token per resampled position.
+    proposed_len = torch.where(info.accepted, new.length, new.length)  # accepted rows carry the proposal
+    assert (info.decode_tokens[info.accepted] == proposed_len[info.accepted] - info.cut[info.accepted]).all()
+    unchanged = ~info.accepted
+    assert torch.equal(new.tokens[unchanged], state.tokens[unchanged])
+
+
+def test_kernel_spec_errors():
+    target = PowerDistribution(random_markov(3, seed=0), [], 2.0, 3)
+    from egps_ppl.errors import EGPSError
+
+    for spec in ("nope", "cycle()", "mixture(mh:abc)", "cycle(mh", "mixture(mh:-1)"):
+        with pytest.raises(EGPSError):
+            build_kernel(spec, target)
+    assert build_kernel("cycle(mh,mixture(mh:1,mh:3))", target).name.startswith("cycle(")
