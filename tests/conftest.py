@@ -17,3 +17,13 @@ def eos_heavy_model() -> MarkovLM:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """The exact-model tests run many small tensor ops: intra-op threads gain nothing there, and on a busy
+    2-core machine their synchronisation makes each op cost milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,29 +9,55 @@ import torch
 
 import egps_ppl.kernels.mh as mh_module
 from egps_ppl.kernels import Cycle, MetropolisHastings, Mixture, SuffixProposal
+from egps_ppl.kernels.mtm import MultipleTryMetropolis
 from egps_ppl.kernels.presets import build_kernel
+from egps_ppl.kernels.proposals import WindowProposal
+from egps_ppl.kernels.sites import EntropyJumpSite, EntropySite
 from egps_ppl.models.exact import ExactPower
+from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.models.testbeds import random_markov
 from egps_ppl.target import PowerDistribution
 from egps_ppl.testing import assert_invariant, check_invariance, distance_to_target
 
+
+def _policy(target, alpha=None, **kwargs):
+    return PowerPolicy(target.alpha if alpha is None else alpha, **kwargs)
+
+
 KERNELS = {
     "mh": MetropolisHastings,
-    "mh-plain-proposal": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(1.0))),
-    "mh-top-k": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(t.alpha, top_k=2))),
-    "mh-top-p": lambda t: MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(t.alpha, top_p=0.9999))),
-    "cycle": lambda t: Cycle([MetropolisHastings(t), MetropolisHastings(t, proposal=SuffixProposal(PowerPolicy(1.5)))]),
+    "mh-plain-proposal": lambda t: MetropolisHastings(t, proposal=SuffixProposal(_policy(t, 1.0))),
+    "mh-top-k": lambda t: MetropolisHastings(t, proposal=SuffixProposal(_policy(t, top_k=2))),
+    "mh-top-p": lambda t: MetropolisHastings(t, proposal=SuffixProposal(_policy(t, top_p=0.9))),
+    "entropy-mh": lambda t: MetropolisHastings(t, selector=EntropySite(beta=2.0)),
+    "entropy-jump-mh": lambda t: MetropolisHastings(t, selector=EntropyJumpSite(beta=4.0)),
+    "decision-point-mh": lambda t: MetropolisHastings(t, selector=EntropySite(floor=0.0, threshold=0.6)),
+    "window-1": lambda t: MetropolisHastings(t, proposal=WindowProposal(_policy(t), 1)),
+    "window-mixed-widths": lambda t: MetropolisHastings(
+        t, selector=EntropySite(), proposal=WindowProposal(_policy(t), [1, 2, 3], [0.5, 0.3, 0.2])
+    ),
+    "mtm": lambda t: MultipleTryMetropolis(t, 3),
+    "mtm-entropy": lambda t: MultipleTryMetropolis(t, 3, selector=EntropyJumpSite(beta=2.0, floor=0.1)),
+    "mtm-balanced": lambda t: MultipleTryMetropolis(t, 3, weights="balanced"),
+    "cycle": lambda t: Cycle([MetropolisHastings(t), MetropolisHastings(t, proposal=SuffixProposal(_policy(t, 1.5)))]),
     "mixture": lambda t: Mixture([MetropolisHastings(t), Cycle([MetropolisHastings(t)] * 2)], [0.3, 0.7]),
     "spec-mixture": lambda t: build_kernel("mixture(mh:1,cycle(mh,mh):2)", t),
 }
 
+MODELS = {
+    # EOS likely from several states: many length-changing moves.
+    "eos-heavy": (MarkovLM([0.4, 0.3, 0.3], [[1 / 3] * 3, [0.45, 0.5, 0.05], [0.2, 0.1, 0.7]], 0), 4.0, 5, ()),
+    "dense": (random_markov(4, seed=0, eos_token_id=0, concentration=2.0), 2.0, 5, ()),
+    "prompted": (random_markov(4, seed=1, eos_token_id=0, concentration=2.0), 2.0, 4, (2,)),
+}
+
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize(("vocab", "alpha", "length", "prompt"), [(3, 4.0, 5, ()), (4, 2.0, 4, (2,))])
-def test_kernel_leaves_power_distribution_invariant(kernel, vocab, alpha, length, prompt):
-    model = random_markov(vocab, seed=vocab, eos_token_id=0, concentration=0.7)
-    report = assert_invariant(KERNELS[kernel], model, alpha, length, num_chains=100_000, steps=2, prompt=prompt)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_kernel_leaves_power_distribution_invariant(kernel, model):
+    lm, alpha, length, prompt = MODELS[model]
+    report = assert_invariant(KERNELS[kernel], lm, alpha, length, num_chains=60_000, steps=2, prompt=prompt)
     assert report.num_states > 10
 
 
@@ -110,3 +136,46 @@ def test_kernel_spec_errors():
         with pytest.raises(EGPSError):
             build_kernel(spec, target)
     assert build_kernel("cycle(mh,mixture(mh:1,mh:3))", target).name.startswith("cycle(")
+
+
+def test_mtm_with_one_try_is_exactly_mh(eos_heavy_model):
+    target = PowerDistribution(eos_heavy_model, [], alpha=3.0, max_new_tokens=5)
+    state, _ = target.sample_proposal(5000, torch.Generator().manual_seed(0))
+    for selector in (None, EntropySite(beta=2.0)):
+        mh_state, mh_info = MetropolisHastings(target, selector=selector).step(state, torch.Generator().manual_seed(9))
+        mtm = MultipleTryMetropolis(target, num_tries=1, selector=selector)
+        mtm_state, mtm_info = mtm.step(state, torch.Generator().manual_seed(9))
+        assert torch.equal(mh_state.tokens, mtm_state.tokens)
+        torch.testing.assert_close(mh_info.accept_prob, mtm_info.accept_prob, rtol=1e-12, atol=1e-12)
+        assert mh_info.accepted.float().mean() > 0.02
+
+
+def test_invariance_check_catches_a_window_move_that_does_not_rescore_the_tail():
+    """Keeping the old tail's log-probabilities after the window changed its context is detected."""
+
+    class StaleTail(WindowProposal):
+        def propose(self, target, state, cut, generator):
+            proposed = super().propose(target, state, cut, generator)
+            positions = state.positions()
+            kept = (proposed.seqs.length == state.length).unsqueeze(1) & (positions > cut.unsqueeze(1) + 0)
+            stale = torch.where(kept & state.valid_mask(), state.logp, proposed.seqs.logp)
+            proposed.seqs = proposed.seqs.with_(logp=stale)
+            return proposed
+
+    lm, alpha, length, _ = MODELS["dense"]
+    report = check_invariance(
+        lambda t: MetropolisHastings(t, proposal=StaleTail(t.default_policy(), 1)), lm, alpha, length,
+        num_chains=100_000, steps=2,
+    )  # fmt: skip
+    assert not report.passed()
+
+
+def test_mtm_tries_make_more_moves_than_mh(eos_heavy_model):
+    """More tries at the same cut raise the acceptance rate (the point of MTM at decision points)."""
+    target = PowerDistribution(eos_heavy_model, [], alpha=4.0, max_new_tokens=5)
+    state, _ = target.sample_proposal(20_000, torch.Generator().manual_seed(0))
+    rates = []
+    for k in (1, 4):
+        _, info = MultipleTryMetropolis(target, k).step(state, torch.Generator().manual_seed(1))
+        rates.append(info.accepted.double().mean().item())
+    assert rates[1] > 1.2 * rates[0]

@@ -112,11 +112,6 @@ def test_missing_file_raises(tmp_path):
         MarkovLM.from_json(tmp_path / "nope.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="markov.from_json does not catch UnicodeDecodeError (read_text on a non-UTF-8 file); reported",
-)
 def test_binary_file_raises_model_file_error(tmp_path):
     path = tmp_path / "model.json"
     path.write_bytes(b"\xff\xfe\x00\x81 not json")

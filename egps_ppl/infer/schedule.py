@@ -19,6 +19,7 @@ import torch
 from egps_ppl.errors import check_positive_int
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.base import Cost
+from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
 
 Hook = Callable[[str, int, Sequences, StepInfo], None]
@@ -72,7 +73,7 @@ class BlockSchedule:
             cost = cost + grown
 
 
-def kernel_policy(kernel: Kernel):
-    """The token policy a kernel proposes with (its proposal's, else the target's default)."""
-    proposal = getattr(kernel, "proposal", None)
-    return proposal.policy if proposal is not None else kernel.target.default_policy()
+def kernel_policy(kernel: Kernel) -> PowerPolicy:
+    """The token policy a kernel proposes with (its own or its proposal's, else the target's default)."""
+    policy = getattr(kernel, "policy", None) or getattr(getattr(kernel, "proposal", None), "policy", None)
+    return policy or kernel.target.default_policy()

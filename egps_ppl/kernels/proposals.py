@@ -6,11 +6,13 @@ A proposal returns the proposed batch with the forward and reverse proposal log-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from egps_ppl.errors import EGPSError
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
@@ -62,3 +64,71 @@ class SuffixProposal:
 
     def __repr__(self) -> str:
         return f"SuffixProposal({self.policy.describe()})"
+
+
+class WindowProposal:
+    """Resample a window of ``W`` tokens from the cut and keep the tail (a local move).
+
+    For a cut ``i`` in a sequence of length ``n``:
+
+    * if ``n > i + W`` (there is a tail), positions ``i .. i+W-1`` are resampled from the policy and the old
+      tail is kept and rescored in one batched pass (its conditionals changed, so its log p enters π); if the
+      new window ends in EOS the tail is dropped;
+    * otherwise the move resamples the whole suffix (as :class:`SuffixProposal`), since there is no tail.
+
+    The reverse move from ``x'`` applies the same rule, so the reverse density is the policy's density of the
+    first ``min(W, n - i)`` tokens of ``x`` from ``i`` when ``x'`` has a tail, else of its whole suffix. ``W``
+    is drawn per move from ``widths`` (with ``weights``) independently of the state, so the width needs no
+    correction term. A tail that the new window makes impossible gets log p = -inf and is rejected.
+    """
+
+    name = "window"
+
+    def __init__(
+        self, policy: PowerPolicy, widths: int | Sequence[int] = 8, weights: Sequence[float] | None = None
+    ) -> None:
+        self.policy = policy
+        self.widths = torch.as_tensor([widths] if isinstance(widths, int) else list(widths), dtype=torch.long)
+        if self.widths.numel() == 0 or (self.widths < 1).any():
+            raise EGPSError(f"window widths must be integers >= 1, got {widths!r}")
+        w = torch.ones(len(self.widths)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != self.widths.shape or (w < 0).any() or w.sum() <= 0:
+            raise EGPSError("window weights must be >= 0, one per width, not all 0")
+        self.weights = w.double() / w.sum()
+
+    def propose(
+        self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
+    ) -> Proposed:
+        lm = target.lm
+        pick = torch.multinomial(self.weights, state.num_rows, replacement=True, generator=generator)
+        width = self.widths[pick].to(state.device)
+        moving = cut >= 0
+        start = torch.where(moving, cut, state.length)
+        has_tail = moving & (state.length > cut + width)
+        stop = torch.where(has_tail, cut + width, torch.where(moving, torch.full_like(cut, state.limit), state.length))
+        window, cost = lm.extend(state, start, stop, generator)
+        forward = window.total("logq", start)
+        # Rows whose full window did not end in EOS take back their old tail, which is rescored.
+        splice = has_tail & (window.length == cut + width) & ~window.finished()
+        positions = state.positions()
+        from_old = splice.unsqueeze(1) & (positions >= (cut + width).unsqueeze(1))
+        spliced = window.with_(
+            tokens=torch.where(from_old, state.tokens, window.tokens),
+            length=torch.where(splice, state.length, window.length),
+        )
+        proposed, rescored = lm.score(spliced, torch.where(splice, cut + width, spliced.length))
+        reverse_count = torch.where(
+            proposed.length > cut + width, torch.minimum(width, state.length - start), state.length - start
+        )
+        reverse = _window_sum(state.logq, start, reverse_count)
+        return Proposed(proposed, forward, reverse, cost + rescored)
+
+    def __repr__(self) -> str:
+        return f"WindowProposal({self.policy.describe()}, widths={self.widths.tolist()})"
+
+
+def _window_sum(values: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``Σ values[c, start[c] : start[c] + count[c]]`` per row."""
+    positions = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
+    mask = (positions >= start.unsqueeze(1)) & (positions < (start + count).unsqueeze(1))
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)

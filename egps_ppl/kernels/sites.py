@@ -52,3 +52,53 @@ def site_log_prob(log_probs: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
     """``log_probs[c, sites[c]]`` (``-inf`` where ``sites`` is -1)."""
     picked = log_probs.gather(1, sites.clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.where(sites >= 0, picked, torch.full_like(picked, -torch.inf))
+
+
+def _normalised(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``log(weights / sum)`` over ``valid`` positions; uniform over them where every weight is 0."""
+    weights = torch.where(valid, weights.clamp(min=0), torch.zeros_like(weights))
+    total = weights.sum(1, keepdim=True)
+    uniform = valid.to(weights.dtype)
+    weights = torch.where(total > 0, weights, uniform)
+    logw = weights.log() - weights.sum(1, keepdim=True).log()
+    return torch.where(valid & (weights > 0), logw, torch.full_like(logw, -torch.inf))
+
+
+class EntropySite:
+    """Cut where the model is uncertain: ``P(i) ∝ floor + H_i^beta`` (``H_i``: entropy of p(. | x_<i)).
+
+    With ``threshold`` set, positions with ``H_i < threshold`` get only the ``floor`` weight. The floor keeps
+    every position reachable (so the chain stays irreducible); ``floor = 0`` with a threshold gives the pure
+    "decision point" rule, uniform over all positions when no position passes the threshold.
+    """
+
+    def __init__(self, beta: float = 1.0, floor: float = 1e-3, threshold: float | None = None) -> None:
+        self.beta, self.floor, self.threshold = float(beta), float(floor), threshold
+        self.name = "entropy" if threshold is None else "decision"
+
+    def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        weight = seqs.entropy.clamp(min=0) ** self.beta
+        if self.threshold is not None:
+            weight = torch.where(seqs.entropy >= self.threshold, weight, torch.zeros_like(weight))
+        return _normalised(weight + self.floor, seqs.valid_mask())
+
+    def __repr__(self) -> str:
+        return f"EntropySite(beta={self.beta:g}, floor={self.floor:g}, threshold={self.threshold})"
+
+
+class EntropyJumpSite:
+    """Entropy-Cut MH (Zhou, Mehrotra & Liu): ``P(i) ∝ max(0, H_i - H_{i-1})^beta`` with ``H_{-1} = 0``;
+    uniform when every jump is 0. ``floor`` adds a constant weight to keep all positions reachable."""
+
+    name = "entropy-jump"
+
+    def __init__(self, beta: float = 4.0, floor: float = 0.0) -> None:
+        self.beta, self.floor = float(beta), float(floor)
+
+    def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        previous = torch.nn.functional.pad(seqs.entropy[:, :-1], (1, 0))
+        jump = (seqs.entropy - previous).clamp(min=0) ** self.beta
+        return _normalised(jump + self.floor, seqs.valid_mask())
+
+    def __repr__(self) -> str:
+        return f"EntropyJumpSite(beta={self.beta:g}, floor={self.floor:g})"

@@ -12,6 +12,7 @@ Backends reuse what they can (a KV cache of the kept prefix), so a move that cut
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,7 +82,9 @@ def sample_from_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> tor
     """One draw per row given unnormalised cumulative weights ``cdf[C, V]``."""
     u = torch.rand(cdf.shape[0], dtype=cdf.dtype, generator=generator, device="cpu").to(cdf.device)
     draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return draws.clamp(max=cdf.shape[1] - 1)
+    # Rounding can put u * total at the total itself: fall back to the last token with positive weight.
+    last_positive = (cdf < cdf[:, -1:]).sum(1)
+    return torch.minimum(draws, last_positive)
 
 
 def as_prompt(prompt: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -92,6 +95,17 @@ def as_prompt(prompt: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Te
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
         raise EGPSError(f"prompt token ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
     return ids
+
+
+def _is_index(value: object) -> bool:
+    """True for Python and NumPy integers (not bools, not floats)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 class LanguageModel(ABC):
@@ -156,12 +170,12 @@ class LanguageModel(ABC):
                 raise EGPSError(f"initial completion {row} is empty")
             if len(ids) > capacity:
                 raise EGPSError(f"initial completion {row} has {len(ids)} tokens > max_new_tokens={capacity}")
-            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            bad = [t for t in ids if not (_is_index(t) and 0 <= int(t) < self.vocab_size)]
             if bad:
                 raise EGPSError(f"initial completion {row} has unknown token ids {bad[:5]}")
             if self.eos_token_id is not None and self.eos_token_id in ids[:-1]:
                 raise EGPSError(f"initial completion {row} has EOS before its last token")
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            tokens[row, : len(ids)] = torch.tensor([int(t) for t in ids], dtype=torch.long)
         length = torch.tensor([len(list(c)) for c in completions], dtype=torch.long)
         return self.score(seqs.with_(tokens=tokens, length=length), torch.zeros_like(length))
 

@@ -51,6 +51,8 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
+    "float64": torch.float64,  # for exact comparisons in tests; slow
+    "fp64": torch.float64,
 }
 
 STATS_BUDGET = 2**25
@@ -58,13 +60,13 @@ STATS_BUDGET = 2**25
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"`` (or a torch dtype) -> torch dtype."""
+    """``"float32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``, ``"float64"`` (or a torch dtype)."""
     if isinstance(dtype, torch.dtype):
         if dtype in _DTYPES.values():
             return dtype
     elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise EGPSError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+    raise EGPSError(f"dtype must be one of float32, bfloat16, float16, float64; got {dtype!r}")
 
 
 @contextlib.contextmanager
@@ -123,7 +125,7 @@ class HFModel(LanguageModel):
         Most tokens per row fed in one forward call when teacher forcing (longer chunks are split).
     compact_below:
         After ``merge``/``take``, compact the pool when every row uses at most this fraction of its slots
-        (``0`` never compacts, ``1`` compacts whenever any slot is unused by every... row's count is below S).
+        (``0`` never compacts; ``1`` compacts whenever no row uses all slots).
     """
 
     requires_prompt = True
@@ -234,14 +236,20 @@ class HFModel(LanguageModel):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
-                tokenizer = None
-                if with_tokenizer:
-                    tok_kw = {k: v for k, v in load_kw.items() if k != "dtype"}
-                    tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
         except EGPSError:
             raise
         except Exception as exc:
             raise _load_error(path, gguf_file, local, exc) from None
+        tokenizer = None
+        if with_tokenizer:
+            # A checkpoint without tokenizer files is still usable with token ids.
+            tok_kw = {k: v for k, v in load_kw.items() if k != "dtype"}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
+            except Exception as exc:
+                warnings.warn(f"{path}: no usable tokenizer ({_short(exc)}); pass token ids", stacklevel=2)
         model = model.to(device_t)
         return cls(model, tokenizer, name=name or (gguf_file or path), **kwargs)
 
@@ -362,11 +370,9 @@ class HFModel(LanguageModel):
                 stats = _stats(logits, policy)
                 if last is None:
                     V = stats.logp.shape[-1]
+                    kw = {"device": dev, "dtype": stats.logp.dtype}
                     last = NextToken(
-                        torch.zeros(C, V, device=dev),
-                        torch.zeros(C, V, device=dev),
-                        torch.zeros(C, device=dev),
-                        torch.zeros(C, device=dev),
+                        torch.zeros(C, V, **kw), torch.zeros(C, V, **kw), torch.zeros(C, **kw), torch.zeros(C, **kw)
                     )
                 last.logp[rows] = stats.logp
                 last.logq[rows] = stats.logq
@@ -468,8 +474,7 @@ class HFModel(LanguageModel):
         stop:
             ``LongTensor[C]`` or int, exclusive end (default and maximum ``seqs.limit``).
         generator:
-            Random generator for the draws (sampling happens on its device, the CPU when ``None``... or the
-            model's device).
+            Random generator for the draws (a CPU generator: :func:`sample_tokens` draws its uniforms there).
 
         Returns
         -------
@@ -508,11 +513,10 @@ class HFModel(LanguageModel):
         scored += hi - lo
 
         dev = self.device
-        sample_dev = generator.device if generator is not None else torch.device("cpu")
         while True:
             rows = active.nonzero().flatten()
             rows_d = rows.to(dev)
-            new = sample_tokens(nxt.logq[rows_d].to(sample_dev), generator).to(dev)
+            new = sample_tokens(nxt.logq[rows_d], generator).to(dev)
             pos = length[rows]
             tokens[rows, pos] = new.cpu()
             logp[rows, pos] = nxt.logp[rows_d, new].double().cpu()

@@ -15,7 +15,7 @@ import torch
 from egps_ppl.errors import EGPSError, ModelFileError
 from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_from_cdf
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.state import PAD, Sequences
+from egps_ppl.state import PAD, STAT_NAMES, Sequences
 
 ROW_TOLERANCE = 1e-6
 
@@ -72,7 +72,9 @@ class MarkovLM(LanguageModel):
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ModelFileError(f"Markov model file not found: {path}") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except IsADirectoryError:
+            raise ModelFileError(f"Markov model path {path} is a directory, not a JSON file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelFileError(f"Markov model file {path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not {"initial", "transition", "eos"} <= set(data):
             raise ModelFileError(f"Markov model file {path} needs the keys 'initial', 'transition' and 'eos'")
@@ -167,10 +169,8 @@ class MarkovLM(LanguageModel):
             logz=torch.where(mask, stats.logz[state], seqs.logz),
             tokens=torch.where(seqs.valid_mask(), seqs.tokens, torch.full_like(seqs.tokens, PAD)),
         )
-        result = result.with_(
-            logp=torch.where(result.valid_mask(), result.logp, zero),
-            logq=torch.where(result.valid_mask(), result.logq, zero),
-        )
+        valid = result.valid_mask()
+        result = result.with_(**{name: torch.where(valid, getattr(result, name), zero) for name in STAT_NAMES})
         scored = mask.sum(1)
         return result, Cost(torch.zeros_like(scored), scored, 1)
 

@@ -1,0 +1,147 @@
+"""`egps sample` and `egps models` end to end on exact Markov models (no download, seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from egps_ppl.cli import main
+from egps_ppl.diagnostics import load_netcdf
+from egps_ppl.models.testbeds import random_markov
+
+
+@pytest.fixture
+def markov_file(tmp_path):
+    path = tmp_path / "chain.json"
+    random_markov(4, seed=3, eos_token_id=0).to_json(path)
+    return path
+
+
+def _sample_args(markov_file, out, *extra):
+    return [
+        "sample", "--model", f"markov:{markov_file}", "--alpha", "4", "--max-new-tokens", "5", "--kernel", "mh",
+        "--num-chains", "6", "--num-samples", "4", "--warmup", "2", "--seed", "3", "--out", str(out),
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_sample_writes_the_contracted_arviz_file(markov_file, tmp_path, capsys):
+    out = tmp_path / "run.nc"
+    assert main(_sample_args(markov_file, out)) == 0
+    printed = capsys.readouterr().out
+    assert "acceptance rate" in printed and str(out) in printed and "r_hat" in printed.lower()
+    data = load_netcdf(out)
+    posterior, stats = data.posterior, data.sample_stats
+    assert posterior["tokens"].shape == (6, 4, 5)
+    assert posterior["length"].shape == posterior["log_p"].shape == (6, 4)
+    for name in ("lp", "acceptance_rate", "is_accepted", "cut_position", "decode_tokens", "scored_tokens"):
+        assert stats[name].shape == (6, 4)
+    np.testing.assert_allclose(stats["lp"].values, 4 * posterior["log_p"].values)
+    assert float(posterior.attrs["alpha"]) == 4.0 and posterior.attrs["kernel"] == "mh"
+    assert int(posterior.attrs["seed"]) == 3 and "markov:" in posterior.attrs["model"]
+
+
+def test_same_seed_reproduces_the_file(markov_file, tmp_path):
+    a, b = tmp_path / "a.nc", tmp_path / "b.nc"
+    main(_sample_args(markov_file, a))
+    main(_sample_args(markov_file, b))
+    assert np.array_equal(load_netcdf(a).posterior["tokens"].values, load_netcdf(b).posterior["tokens"].values)
+
+
+def test_twenty_thousand_chains_take_seconds(markov_file, tmp_path):
+    out = tmp_path / "many.nc"
+    args = _sample_args(markov_file, out)
+    args[args.index("--num-chains") + 1] = "20000"
+    args[args.index("--num-samples") + 1] = "1"
+    started = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - started < 60  # vectorised chains: seconds, not minutes
+    assert load_netcdf(out).posterior["tokens"].shape == (20000, 1, 5)
+
+
+def test_init_file_starts_the_chains(markov_file, tmp_path):
+    init = tmp_path / "init.jsonl"
+    init.write_text("\n".join(json.dumps([1, 2, 3, 1, 2]) for _ in range(6)))
+    out = tmp_path / "init.nc"
+    assert main(_sample_args(markov_file, out, "--init", str(init))) == 0
+    assert (load_netcdf(out).posterior["length"].values > 0).all()
+
+
+def test_kernel_combinators_from_the_command_line(markov_file, tmp_path):
+    out = tmp_path / "mix.nc"
+    args = _sample_args(markov_file, out)
+    args[args.index("--kernel") + 1] = "mixture(mh:0.5,cycle(mh,mh):0.5)"
+    assert main(args) == 0
+    assert load_netcdf(out).posterior.attrs["kernel"].startswith("mixture(")
+
+
+BAD_INPUT = [
+    (["--alpha", "0"], "alpha must be finite and > 0"),
+    (["--alpha", "-1"], "alpha must be finite and > 0"),
+    (["--alpha", "nan"], "alpha must be finite and > 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--kernel", "bogus"], "unknown kernel 'bogus'"),
+    (["--num-chains", "0"], "num_chains must be an integer >= 1"),
+    (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
+    (["--prompt-ids", "99"], "prompt token ids must lie in"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUT)
+def test_bad_input_gives_one_clear_line_and_no_file(markov_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.nc"
+    assert main(_sample_args(markov_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("egps: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_model_and_init_files(tmp_path, markov_file, capsys):
+    bad_rows = tmp_path / "rows.json"
+    bad_rows.write_text(json.dumps({"initial": [0.5, 0.6], "transition": [[0.5, 0.5], [0.5, 0.5]], "eos": 0}))
+    bad_eos = tmp_path / "eos.json"
+    bad_eos.write_text(json.dumps({"initial": [0.5, 0.5], "transition": [[0.5, 0.5], [0.5, 0.5]], "eos": 2}))
+    unknown_ids = tmp_path / "unknown.jsonl"
+    unknown_ids.write_text("[1, 7]\n" * 6)
+    too_long = tmp_path / "long.jsonl"
+    too_long.write_text("[1, 1, 1, 1, 1, 1]\n" * 6)
+    cases = [
+        (["--model", f"markov:{bad_rows}"], "sum to 1"),
+        (["--model", f"markov:{bad_eos}"], "'eos' must be a token id"),
+        (["--model", f"markov:{tmp_path / 'missing.json'}"], "not found"),
+        (["--init", str(unknown_ids)], "unknown token ids"),
+        (["--init", str(too_long)], "max_new_tokens"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "bad.nc"
+        args = _sample_args(markov_file, out)
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_models_lists_the_offline_registry(capsys):
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("smollm2-135m", "tiny-gpt2", "markov:PATH.json"):
+        assert name in listed
+
+
+def test_console_script_runs(markov_file, tmp_path):
+    out = tmp_path / "script.nc"
+    result = subprocess.run(
+        [sys.executable, "-m", "egps_ppl.cli", *_sample_args(markov_file, out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
