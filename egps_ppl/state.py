@@ -116,12 +116,15 @@ class Sequences:
         return self.finished() | (self.length >= self.limit)
 
     # ----------------------------------------------------------------- sums
-    def total(self, stat: str, start: torch.Tensor | None = None) -> torch.Tensor:
-        """``float64[C]``: sum of ``stat`` over positions ``start <= t < length`` (``start`` defaults to 0)."""
+    def total(self, stat: str, start: torch.Tensor | None = None, stop: torch.Tensor | None = None) -> torch.Tensor:
+        """``float64[C]``: sum of ``stat`` over positions ``start <= t < min(stop, length)`` (from 0 to the end
+        by default)."""
         values = getattr(self, stat)
         mask = self.valid_mask()
         if start is not None:
             mask = mask & (self.positions() >= start.unsqueeze(1))
+        if stop is not None:
+            mask = mask & (self.positions() < stop.unsqueeze(1))
         return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)
 
     def log_p(self) -> torch.Tensor:

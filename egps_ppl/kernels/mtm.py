@@ -27,6 +27,10 @@ class MultipleTryMetropolis(Kernel):
     weights ``w(y, x) = sqrt(w(y) / w(x))`` (Gagnon, Maire & Zanella 2023) are used with ``num_tries - 1``
     reference draws from the same prefix, and the ratio is ``Σ_j w(y_j, x) / Σ_j w(x*_j, y)`` with ``x*_k = x``.
     With one try both reduce exactly to Metropolis–Hastings.
+
+    With ``local_width = W`` the tries resample only ``W`` tokens from the cut and keep the tail (rescored in
+    one batched pass), so a try costs ``W`` decode steps instead of ``n - i``: see :meth:`_keep_tails` for the
+    class of sequences this move stays in.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class MultipleTryMetropolis(Kernel):
         selector: SiteSelector | None = None,
         policy: PowerPolicy | None = None,
         weights: str = "importance",
+        local_width: int | None = None,
         name: str | None = None,
     ) -> None:
         if isinstance(num_tries, bool) or not isinstance(num_tries, int) or num_tries < 1:
@@ -47,27 +52,68 @@ class MultipleTryMetropolis(Kernel):
         self.selector = selector or UniformSite()
         self.policy = policy or target.default_policy()
         self.weights = weights
+        if local_width is not None and (isinstance(local_width, bool) or int(local_width) < 1):
+            raise EGPSError(f"local_width must be an integer >= 1, got {local_width!r}")
+        self.local_width = local_width
         self.name = name or f"mtm[{getattr(self.selector, 'name', 'site')},k={num_tries}]"
 
     def prepare(self, state: Sequences) -> tuple[Sequences, Cost]:
         return self.target.lm.with_policy(state, self.policy)
 
+    def _reach(self, state: Sequences, cut: torch.Tensor) -> torch.Tensor:
+        """End (exclusive) of the region a move from ``cut`` resamples in each row of ``state``."""
+        if self.local_width is None:
+            return state.length
+        return torch.minimum(cut + self.local_width, state.length)
+
     def _draw(
         self, state: Sequences, cut: torch.Tensor, count: int, generator: torch.Generator | None
     ) -> tuple[Sequences, torch.Tensor, Cost]:
-        """``count`` suffixes per chain from each chain's cut: rows ``c*count .. c*count+count-1``."""
+        """``count`` tries per chain from each chain's cut (rows ``c*count .. c*count+count-1``) and their
+        log-weights ``log π(y) - log q(y | x)``."""
         lm = self.target.lm
         rows = torch.arange(state.num_rows, device=state.device).repeat_interleave(count)
         base = lm.take(state, rows)
         cut_r = cut[rows]
-        start = torch.where(cut_r >= 0, cut_r, base.length)
-        stop = torch.where(cut_r >= 0, torch.full_like(cut_r, state.limit), base.length)
-        drawn, cost = lm.extend(base, start, stop, generator)
-        log_w = self.target.log_prob(drawn) - drawn.total("logq", start)
+        moving = cut_r >= 0
+        start = torch.where(moving, cut_r, base.length)
+        stop = torch.full_like(cut_r, state.limit)
+        if self.local_width is not None:
+            stop = torch.minimum(stop, cut_r + self.local_width)
+        drawn, cost = lm.extend(base, start, torch.where(moving, stop, base.length), generator)
+        log_q = drawn.total("logq", start)
+        valid = moving
+        if self.local_width is not None:
+            drawn, valid, rescored = self._keep_tails(base, drawn, cut_r, moving)
+            cost = cost + rescored
+        log_w = torch.where(valid, self.target.log_prob(drawn) - log_q, torch.full_like(log_q, -torch.inf))
         per_chain = Cost(
             cost.decode_tokens.view(-1, count).sum(1), cost.scored_tokens.view(-1, count).sum(1), cost.forward_calls
         )
         return drawn, log_w.view(-1, count), per_chain
+
+    def _keep_tails(
+        self, base: Sequences, drawn: Sequences, cut: torch.Tensor, moving: torch.Tensor
+    ) -> tuple[Sequences, torch.Tensor, Cost]:
+        """Local moves stay in the class of sequences that share x's prefix and its tail past the window.
+
+        If x has a tail, a try is valid when its window is full and has no EOS; the tail is spliced back and
+        rescored. If x has no tail, a try is valid when it ends (EOS or the limit) within the window. Invalid
+        tries get weight 0: the kernel is MTM on that class, which x and every valid try share.
+        """
+        end = cut + self.local_width
+        has_tail = base.length > end
+        full_window = (drawn.length == end) & ~drawn.finished()
+        ended = drawn.complete()
+        valid = moving & torch.where(has_tail, full_window, ended)
+        splice = valid & has_tail
+        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
+        spliced = drawn.with_(
+            tokens=torch.where(from_old, base.tokens, drawn.tokens),
+            length=torch.where(splice, base.length, drawn.length),
+        )
+        rescored, cost = self.target.lm.score(spliced, torch.where(splice, end, spliced.length))
+        return rescored, valid, cost
 
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
         lm, k = self.target.lm, self.num_tries
@@ -76,7 +122,8 @@ class MultipleTryMetropolis(Kernel):
         cut = sample_sites(site_lp, generator)
         tries, log_w, drawn_cost = self._draw(state, cut, k, generator)
         cost = cost + drawn_cost
-        log_w_x = self.target.log_prob(state) - state.total("logq", cut.clamp(min=0))
+        start = cut.clamp(min=0)
+        log_w_x = self.target.log_prob(state) - state.total("logq", start, self._reach(state, start))
         balanced = self.weights == "balanced"
         select_w = 0.5 * log_w if balanced else log_w
         chosen_j = _pick(select_w, generator) if k > 1 else torch.zeros_like(cut)

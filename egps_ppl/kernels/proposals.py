@@ -120,15 +120,8 @@ class WindowProposal:
         reverse_count = torch.where(
             proposed.length > cut + width, torch.minimum(width, state.length - start), state.length - start
         )
-        reverse = _window_sum(state.logq, start, reverse_count)
+        reverse = state.total("logq", start, start + reverse_count)
         return Proposed(proposed, forward, reverse, cost + rescored)
 
     def __repr__(self) -> str:
         return f"WindowProposal({self.policy.describe()}, widths={self.widths.tolist()})"
-
-
-def _window_sum(values: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``Σ values[c, start[c] : start[c] + count[c]]`` per row."""
-    positions = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
-    mask = (positions >= start.unsqueeze(1)) & (positions < (start + count).unsqueeze(1))
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)

@@ -12,7 +12,7 @@ tokens are appended as new slots. Hence
 * rows decode in lock-step; rows that are done feed a dummy token whose slot is recorded invalid;
 * ``score`` feeds each row's tokens from its start in one call (rows right-padded);
 * ``merge`` after an accept/reject only swaps ``slot_pos`` rows when the proposal's pool descends from the
-  current one, and ``take`` selects rows of the pool.
+  current one (else copies each row from its side), and ``take`` selects rows of the pool.
 
 Invariant of a pool attached to ``Sequences``: the valid slots of row ``c`` hold positions ``0..m_c-1`` of
 ``prompt + tokens[c]`` exactly once, computed with exactly that prefix as context (normally ``m_c`` is
@@ -248,7 +248,11 @@ class HFModel(LanguageModel):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
+                # transformers may build an empty tokenizer from the model type alone: not usable.
+                if len(tokenizer) < 2:
+                    raise ValueError("the tokenizer files are missing (empty vocabulary)")
             except Exception as exc:
+                tokenizer = None
                 warnings.warn(f"{path}: no usable tokenizer ({_short(exc)}); pass token ids", stacklevel=2)
         model = model.to(device_t)
         return cls(model, tokenizer, name=name or (gguf_file or path), **kwargs)
@@ -273,7 +277,8 @@ class HFModel(LanguageModel):
         if pool.num_slots == 0:
             return DynamicCache()
         # Build the layers from empty slices, then hand them the pool tensors: avoids one copy per call.
-        cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in zip(pool.keys, pool.values)])
+        empty = [(k[:, :, :0], v[:, :, :0]) for k, v in zip(pool.keys, pool.values, strict=True)]
+        cache = DynamicCache(ddp_cache_data=empty)
         for layer, k, v in zip(cache.layers, pool.keys, pool.values, strict=True):
             layer.keys, layer.values = k, v
         return cache
@@ -595,21 +600,15 @@ class HFModel(LanguageModel):
         """Row-wise choice between ``current`` and ``other`` (a proposal derived from it), pool included.
 
         When ``other``'s pool descends row-wise from ``current``'s, its tensors are reused and only the rows'
-        ``slot_pos`` are chosen; otherwise the pools are concatenated along the slot axis. The result is then
-        compacted if most slots are unused.
+        ``slot_pos`` are chosen; otherwise each row's slots are copied from its side into a fresh pool. The result
+        is then compacted if most slots are unused.
         """
         take_other = torch.as_tensor(take_other, dtype=torch.bool, device=current.device)
         pool = None
         if self.reuse_cache and (current.cache is not None or other.cache is not None):
             cur = current.cache if current.cache is not None else KVPool.empty(current.num_rows, self.device)
             oth = other.cache if other.cache is not None else KVPool.empty(other.num_rows, self.device)
-            if bool(take_other.all()):
-                pool = oth
-            elif not bool(take_other.any()):
-                pool = cur
-            else:
-                pool = KVPool.merge(take_other, cur, oth)
-            pool = pool.maybe_compact(self.compact_below)
+            pool = KVPool.merge(take_other, cur, oth).maybe_compact(self.compact_below)
         return current.where(take_other, other, cache=pool)
 
     def take(self, seqs: Sequences, index: torch.Tensor) -> Sequences:
@@ -662,17 +661,20 @@ def _target_stats(
 
 
 def _eos_id(tokenizer: Any, model: Any) -> int | None:
-    """EOS from the tokenizer, else the generation config, else the model config (first id of a list)."""
+    """EOS from the tokenizer, else the generation config, else the model config (first id of a list); ids
+    outside the model's vocabulary are ignored."""
     candidates = [getattr(tokenizer, "eos_token_id", None)]
     gen = getattr(model, "generation_config", None)
     candidates.append(getattr(gen, "eos_token_id", None) if gen is not None else None)
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     candidates.append(getattr(text, "eos_token_id", None))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", None) or getattr(text, "vocab_size", None)
     for eos in candidates:
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
-        if eos is not None:
+        if eos is not None and (vocab is None or 0 <= int(eos) < int(vocab)):
             return int(eos)
     return None
 

@@ -10,10 +10,11 @@ New tokens are always appended as new slots at the end. Causality inside a newly
 which matches position order; old slots are attended as a set (their keys already carry their positions).
 
 Lineage: every pool remembers a short history of *snapshots* ``(uid, size, rows)``: "slots ``[0, size)`` of my
-row ``c`` hold exactly what slots ``[0, size)`` of row ``rows[c]`` of snapshot ``uid`` hold". A forward pass,
-a concatenation or a compaction creates a new snapshot; cutting (editing ``slot_pos``) keeps the history; ``take``
-remaps ``rows``. ``merge`` uses this to decide, per row, whether a proposal's pool still holds the current
-state's slots at the same indices (then it only swaps ``slot_pos``) or whether the two pools must be concatenated.
+row ``c`` hold exactly what slots ``[0, size)`` of row ``rows[c]`` of snapshot ``uid`` hold". A backend call that
+appended slots, a row-wise copy or a compaction creates a new snapshot; cutting (editing ``slot_pos``) keeps the
+history; ``take`` remaps ``rows``. ``merge`` uses this to decide, per row, whether a proposal's pool still holds
+the current state's slots at the same indices (then it only swaps ``slot_pos``) or whether rows must be copied
+into a new pool.
 """
 
 from __future__ import annotations
@@ -187,11 +188,15 @@ class KVPool:
     def merge(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
         """Row-wise choice: ``other``'s slots where ``take_other``, else ``current``'s.
 
-        Cheap when ``other`` descends row-wise from ``current`` (it was produced from it by appending slots and
-        cutting): ``other``'s tensors are reused and only ``slot_pos`` is chosen per row. Otherwise the two pools
-        are concatenated along the slot axis (always correct).
+        Cheap when ``other`` descends row-wise from ``current`` (for every row that keeps ``current``, ``other``
+        still holds ``current``'s slots at the same indices): ``other``'s tensors are reused and only ``slot_pos``
+        is chosen per row. Otherwise each row's slots are copied from its side into a fresh pool (always correct).
         """
         choose = take_other.to(current.device)
+        if bool(choose.all()):
+            return other
+        if not bool(choose.any()):
+            return current
         if other.descends_from(current, ~take_other):
             cur_pos, cur_tok = current._padded_positions(other.num_slots)
             return replace(
@@ -199,30 +204,35 @@ class KVPool:
                 slot_pos=torch.where(choose.unsqueeze(1), other.slot_pos, cur_pos),
                 slot_tok=torch.where(choose.unsqueeze(1), other.slot_tok, cur_tok),
             )
-        return KVPool.concat(choose, current, other)
+        return KVPool.select(choose, current, other)
 
     @staticmethod
-    def concat(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
-        """Both pools side by side along the slot axis; each row keeps the slots of the side it chose."""
-        if current.num_slots == 0:
-            keys, values = other.keys, other.values
-        elif other.num_slots == 0:
-            keys, values = current.keys, current.values
-        else:
-            keys = tuple(torch.cat([a, b], 2) for a, b in zip(current.keys, other.keys, strict=True))
-            values = tuple(torch.cat([a, b], 2) for a, b in zip(current.values, other.values, strict=True))
-        choose = take_other.unsqueeze(1)
-        neg_c = torch.full_like(current.slot_pos, -1)
-        neg_o = torch.full_like(other.slot_pos, -1)
-        slot_pos = torch.cat(
-            [torch.where(choose, neg_c, current.slot_pos), torch.where(choose, other.slot_pos, neg_o)], 1
-        )
-        slot_tok = torch.cat(
-            [torch.where(choose, neg_c, current.slot_tok), torch.where(choose, other.slot_tok, neg_o)], 1
-        )
-        # Slots [0, current.num_slots) are still current's, so current's snapshots stay true for this pool.
-        pool = KVPool(keys, values, slot_pos, slot_tok, current.history)
-        return replace(pool, history=pool._snapshot())
+    def select(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
+        """A fresh pool of ``max(S_current, S_other)`` slots: each row copied from the side it chose (its unused
+        tail slots zero and invalid). Used when the two pools do not share their slot layout."""
+        width = max(current.num_slots, other.num_slots)
+        choose = take_other.to(current.device)
+        keep = ~choose
+        cur_pos, cur_tok = current._padded_positions(width)
+        oth_pos, oth_tok = other._padded_positions(width)
+        slot_pos = torch.where(choose.unsqueeze(1), oth_pos, cur_pos)
+        slot_tok = torch.where(choose.unsqueeze(1), oth_tok, cur_tok)
+        template = current.keys or other.keys
+        if not template:
+            return KVPool((), (), slot_pos, slot_tok, ()).snapshotted()
+
+        def pick(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
+            ref = template[i]
+            out = ref.new_zeros(ref.shape[0], ref.shape[1], width, ref.shape[3])
+            if a:
+                out[keep, :, : a[i].shape[2]] = a[i][keep]
+            if b:
+                out[choose, :, : b[i].shape[2]] = b[i][choose]
+            return out
+
+        keys = tuple(pick(current.keys, other.keys, i) for i in range(len(template)))
+        values = tuple(pick(current.values, other.values, i) for i in range(len(template)))
+        return KVPool(keys, values, slot_pos, slot_tok, ()).snapshotted()
 
     # ----------------------------------------------------------------- compaction
     def wasted(self, threshold: float) -> bool:
