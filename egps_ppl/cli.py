@@ -45,13 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--alpha", type=float, default=4.0, help="the power alpha (> 0; papers use 4)")
     sample.add_argument("--max-new-tokens", type=int, default=48, help="maximum completion length T")
-    sample.add_argument("--kernel", default="mh", help="mh, cycle(K1,K2,...), mixture(K1:w1,K2:w2,...)")
+    sample.add_argument(
+        "--kernel",
+        default="mh",
+        help="mh, entropy-mh, entropy-cut-mh, mtm, egps, cycle(K1,K2,...), mixture(K1:w1,K2:w2,...)",
+    )
     sample.add_argument("--num-chains", type=int, default=4)
     sample.add_argument("--num-samples", type=int, default=10)
     sample.add_argument("--warmup", type=int, default=10)
     sample.add_argument("--thin", type=int, default=1)
     sample.add_argument("--block-size", type=int, default=None, help="grow B tokens per block (Karan & Du)")
     sample.add_argument("--steps-per-block", type=int, default=10, help="kernel steps after each block")
+    sample.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="with --block-size: skip deterministic blocks and spend moves in proportion to entropy mass",
+    )
     sample.add_argument("--top-k", type=int, default=None, help="truncate the proposal to the top k tokens")
     sample.add_argument("--top-p", type=float, default=None, help="truncate the proposal to nucleus mass p")
     sample.add_argument("--init", help="JSONL file: line i is the list of completion token ids starting chain i")
@@ -81,7 +90,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from egps_ppl.diagnostics import format_summary, save_netcdf, summarize
-    from egps_ppl.infer import MCMC, BlockSchedule
+    from egps_ppl.infer import MCMC, BlockSchedule, EntropyAdaptiveSchedule
     from egps_ppl.kernels.presets import build_kernel
     from egps_ppl.models.policy import PowerPolicy
     from egps_ppl.models.registry import load_model
@@ -101,7 +110,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.block_size is not None:
         if initial is not None:
             raise EGPSError("--init and --block-size exclude each other: a schedule grows its own start")
-        schedule = BlockSchedule(args.block_size, args.steps_per_block)
+        schedule = (
+            EntropyAdaptiveSchedule(args.block_size, args.steps_per_block, max_steps=4 * args.steps_per_block)
+            if args.adaptive
+            else BlockSchedule(args.block_size, args.steps_per_block)
+        )
+    elif args.adaptive:
+        raise EGPSError("--adaptive needs --block-size")
     mcmc = MCMC(
         kernel,
         num_samples=args.num_samples,

@@ -36,13 +36,8 @@ def few_shot_messages(question: str) -> list[dict[str, str]]:
 
 def encode_chat(lm: LanguageModel, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` through the model's chat template (ready for the assistant's reply)."""
-    tokenizer = getattr(lm, "tokenizer", None)
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        if tokenizer is None:
-            raise EGPSError(f"model {lm.name!r} has no tokenizer, so it cannot take a chat prompt")
-        text = "\n\n".join(m["content"] for m in messages) + "\n"
-        return lm.encode(text)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    from egps_ppl.models.registry import chat_prompt
+
+    if getattr(lm, "tokenizer", None) is None:
+        raise EGPSError(f"model {lm.name!r} has no tokenizer, so it cannot take a chat prompt")
+    return chat_prompt(lm, messages)

@@ -145,3 +145,12 @@ def test_console_script_runs(markov_file, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert out.exists()
+
+
+def test_block_schedules_from_the_command_line(markov_file, tmp_path, capsys):
+    for extra in (["--block-size", "2"], ["--block-size", "2", "--adaptive"]):
+        out = tmp_path / "blocks.nc"
+        assert main(_sample_args(markov_file, out, *extra, "--steps-per-block", "2")) == 0
+        assert "EntropyAdaptive" in load_netcdf(out).posterior.attrs["schedule"] or "--adaptive" not in extra
+    assert main(_sample_args(markov_file, tmp_path / "x.nc", "--adaptive")) == 2
+    assert "--adaptive needs --block-size" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 import egps_ppl.kernels.mh as mh_module
 from egps_ppl.kernels import Cycle, MetropolisHastings, Mixture, SuffixProposal
 from egps_ppl.kernels.mtm import MultipleTryMetropolis
-from egps_ppl.kernels.presets import build_kernel
+from egps_ppl.kernels.presets import PRESETS, build_kernel
 from egps_ppl.kernels.proposals import WindowProposal
 from egps_ppl.kernels.sites import EntropyJumpSite, EntropySite
 from egps_ppl.models.exact import ExactPower
@@ -43,6 +43,9 @@ KERNELS = {
     "cycle": lambda t: Cycle([MetropolisHastings(t), MetropolisHastings(t, proposal=SuffixProposal(_policy(t, 1.5)))]),
     "mixture": lambda t: Mixture([MetropolisHastings(t), Cycle([MetropolisHastings(t)] * 2)], [0.3, 0.7]),
     "spec-mixture": lambda t: build_kernel("mixture(mh:1,cycle(mh,mh):2)", t),
+    "mtm-local": lambda t: MultipleTryMetropolis(t, 3, selector=EntropySite(), local_width=2),
+    "mtm-local-balanced": lambda t: MultipleTryMetropolis(t, 3, local_width=2, weights="balanced"),
+    **{f"preset-{name}": (lambda t, name=name: build_kernel(name, t)) for name in PRESETS if name != "mh"},
 }
 
 MODELS = {

@@ -120,3 +120,35 @@ def test_block_schedule_stops_early_when_all_chains_end():
     ).run()
     assert calls.count("block") == 2  # one block only: every chain ended inside it
     assert mcmc.state.limit == 50
+
+
+def test_adaptive_schedule_spends_moves_where_entropy_is():
+    from collections import Counter
+
+    from egps_ppl.infer import EntropyAdaptiveSchedule
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.testbeds import sparse_decision
+
+    testbed = sparse_decision(num_decisions=2, run_length=6, seed=0)
+    target = PowerDistribution(testbed.model, [], alpha=4.0, max_new_tokens=testbed.max_new_tokens)
+    schedule = EntropyAdaptiveSchedule(block_size=3, steps_per_block=2, epsilon=0.05, moves_per_nat=2.0, max_steps=8)
+    per_block: Counter[int] = Counter()
+    masses = {}
+
+    def hook(phase, step, state, info):
+        if phase == "block":
+            per_block[state.limit] += 1
+
+    mcmc = MCMC(build_kernel("egps", target), num_samples=1, num_chains=200, seed=0, schedule=schedule, hooks=[hook])
+    mcmc.run()
+    # Recompute each block's entropy mass on the final chains: deterministic blocks got no steps.
+    state = mcmc.state
+    for limit in range(3, testbed.max_new_tokens + 3, 3):
+        block = (state.positions() >= limit - 3) & (state.positions() < limit) & state.valid_mask()
+        masses[min(limit, testbed.max_new_tokens)] = (state.entropy * block).sum(1).mean().item()
+    zero_blocks = [limit for limit, mass in masses.items() if mass < 1e-9]
+    busy_blocks = [limit for limit, mass in masses.items() if mass > 0.5]
+    assert zero_blocks and busy_blocks
+    assert all(per_block[limit] == 0 for limit in zero_blocks)
+    assert all(per_block[limit] > 0 for limit in busy_blocks)
+    assert sum(per_block.values()) < 2 * len(masses)  # fewer moves than the constant schedule

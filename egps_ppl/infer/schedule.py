@@ -11,6 +11,7 @@ that target invariant, so the schedule cannot bias a kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,3 +78,26 @@ def kernel_policy(kernel: Kernel) -> PowerPolicy:
     """The token policy a kernel proposes with (its own or its proposal's, else the target's default)."""
     policy = getattr(kernel, "policy", None) or getattr(getattr(kernel, "proposal", None), "policy", None)
     return policy or kernel.target.default_policy()
+
+
+@dataclass(frozen=True)
+class EntropyAdaptiveSchedule(BlockSchedule):
+    """The block-wise schedule with moves spent where the model is uncertain.
+
+    After each block is grown, its entropy mass ``M`` (the sum of the per-position entropies over the new
+    block, averaged over chains) decides the number of kernel steps: none when ``M < epsilon`` (a
+    deterministic block: nothing there for p^α to reweight), else ``ceil(moves_per_nat * M)`` capped at
+    ``max_steps``. Only *when* kernels run changes; every kernel still leaves its intermediate target
+    invariant, and the final sampling phase at full length is untouched, so the chain's limit is still π.
+    """
+
+    epsilon: float = 0.05
+    moves_per_nat: float = 2.0
+    max_steps: int = 40
+
+    def steps_for_block(self, state: Sequences, block_start: int) -> int:
+        block = (state.positions() >= block_start) & state.valid_mask()
+        mass = torch.where(block, state.entropy, torch.zeros_like(state.entropy)).sum(1).mean().item()
+        if mass < self.epsilon:
+            return 0
+        return min(self.max_steps, math.ceil(self.moves_per_nat * mass))

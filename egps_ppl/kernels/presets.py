@@ -1,4 +1,5 @@
-"""Kernels by name, for the CLI and configuration files: ``mh``, ``cycle(K1,K2)``, ``mixture(K1:w1,K2:w2)``."""
+"""Kernels by name, for the CLI and configuration files: ``mh``, ``entropy-mh``, ``entropy-cut-mh``, ``mtm``,
+``egps``, and the combinators ``cycle(K1,K2)`` and ``mixture(K1:w1,K2:w2)``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,56 @@ from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel
 from egps_ppl.kernels.combinators import Cycle, Mixture
 from egps_ppl.kernels.mh import MetropolisHastings
+from egps_ppl.kernels.mtm import MultipleTryMetropolis
 from egps_ppl.kernels.proposals import SuffixProposal
+from egps_ppl.kernels.sites import EntropyJumpSite, EntropySite
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.target import PowerDistribution
 
 PresetFactory = Callable[[PowerDistribution, PowerPolicy], Kernel]
 
+EGPS_DEFAULTS = {"num_tries": 8, "beta": 4.0, "floor": 1e-3, "local_width": 4}
+"""Chosen on the sparse-decision test beds (benchmarks/egps_speedup.py); see docs/benchmarks.md."""
+
+
+def _egps(target: PowerDistribution, policy: PowerPolicy) -> Kernel:
+    """The EGPS kernel: cut at entropy jumps (decision points), then Multiple-Try Metropolis over a local
+    window. Tries come from the base model (temperature 1): at a decision the token p^α prefers is often one
+    that low temperature almost never proposes, and the MTM weights correct for the proposal exactly."""
+    return MultipleTryMetropolis(
+        target,
+        num_tries=EGPS_DEFAULTS["num_tries"],
+        selector=EntropyJumpSite(beta=EGPS_DEFAULTS["beta"], floor=EGPS_DEFAULTS["floor"]),
+        policy=PowerPolicy(1.0, top_k=policy.top_k, top_p=policy.top_p),
+        local_width=EGPS_DEFAULTS["local_width"],
+        name="egps",
+    )
+
+
 PRESETS: dict[str, tuple[PresetFactory, str]] = {
     "mh": (
         lambda target, policy: MetropolisHastings(target, proposal=SuffixProposal(policy), name="mh"),
         "uniform cut, suffix resampled at temperature 1/alpha (Karan & Du), complete Hastings ratio",
+    ),
+    "entropy-mh": (
+        lambda target, policy: MetropolisHastings(
+            target, selector=EntropySite(beta=1.0, floor=1e-3), proposal=SuffixProposal(policy), name="entropy-mh"
+        ),
+        "cut with P(i) ∝ 0.001 + H_i, suffix resampled at temperature 1/alpha",
+    ),
+    "entropy-cut-mh": (
+        lambda target, policy: MetropolisHastings(
+            target, selector=EntropyJumpSite(beta=4.0), proposal=SuffixProposal(policy), name="entropy-cut-mh"
+        ),
+        "Entropy-Cut MH: cut with P(i) ∝ max(0, H_i - H_(i-1))^4, suffix at temperature 1/alpha",
+    ),
+    "mtm": (
+        lambda target, policy: MultipleTryMetropolis(target, num_tries=4, policy=policy, name="mtm"),
+        "uniform cut, 4 suffix tries at temperature 1/alpha, Multiple-Try Metropolis",
+    ),
+    "egps": (
+        _egps,
+        "EGPS: cut at entropy jumps, 8 local tries (4 tokens, base model, tail rescored), Multiple-Try Metropolis",
     ),
 }
 

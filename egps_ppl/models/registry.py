@@ -185,18 +185,18 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs:
         raise EGPSError(f"{exc}. Known model names: {_names()}") from None
 
 
-def chat_prompt(model: LanguageModel, text: str) -> list[int]:
-    """Prompt ids for a user message: the tokenizer's chat template (with the generation prompt) if it has one,
-    else the plain encoding of ``text``."""
+def chat_prompt(model: LanguageModel, messages: str | list[dict[str, str]]) -> list[int]:
+    """Prompt ids for a user message (or a list of chat messages): the tokenizer's chat template with the
+    generation prompt if it has one, else the plain encoding of the messages' text."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys") and "input_ids" in ids:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    return model.encode(text)
+    return model.encode("\n\n".join(m["content"] for m in messages))
 
 
 def _names() -> str:
