@@ -79,11 +79,9 @@ def distance_to_target(target: PowerDistribution, seqs: Sequences, moved: float 
             outside += count
     n = seqs.num_rows
     probs = log_pi.exp()
-    expected = n * probs
     tv = 0.5 * ((counts / n - probs).abs().sum().item() + outside / n)
     tv_noise = 0.5 * torch.sqrt(2 * probs * (1 - probs) / (math.pi * n)).sum().item()
-    chi2, dof = _pearson(counts, expected, outside)
-    p_value = _chi2_sf(chi2, dof)
+    chi2, dof, p_value = pearson_test(counts, probs, outside)
     return InvarianceReport(tv, tv_noise, chi2, dof, p_value, moved, n, len(support))
 
 
@@ -137,7 +135,14 @@ def _exact(target: PowerDistribution) -> ExactPower:
     return ExactPower(target.lm, target.alpha, target.max_new_tokens, target.prompt.tolist())
 
 
-def _pearson(counts: torch.Tensor, expected: torch.Tensor, outside: int) -> tuple[float, int]:
+def pearson_test(counts: torch.Tensor, probs: torch.Tensor, outside: float = 0.0) -> tuple[float, int, float]:
+    """Pearson's chi-square test of observed ``counts`` against exact ``probs`` (same order), pooling the
+    cells with expected count < 5 together with ``outside`` (observations outside the support).
+
+    Returns ``(statistic, degrees of freedom, p-value)``.
+    """
+    counts = counts.double()
+    expected = (counts.sum() + outside) * probs.double()
     big = expected >= 5
     stat = (((counts - expected) ** 2) / expected)[big].sum().item()
     bins = int(big.sum())
@@ -148,7 +153,8 @@ def _pearson(counts: torch.Tensor, expected: torch.Tensor, outside: int) -> tupl
         bins += 1
     elif outside:
         stat = math.inf
-    return stat, max(bins - 1, 1)
+    dof = max(bins - 1, 1)
+    return stat, dof, _chi2_sf(stat, dof)
 
 
 def _chi2_sf(stat: float, dof: int) -> float:

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.models.exact import ExactPower, enumerate_completions
@@ -20,6 +19,7 @@ from egps_ppl.models.testbeds import (
     random_markov,
     sparse_decision,
 )
+from egps_ppl.testing import pearson_test
 
 # (vocab_size, seed, eos, max_new_tokens, prompt)
 CASES = [
@@ -49,15 +49,7 @@ def encode(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def chi_square_pvalue(observed: torch.Tensor, expected_prob: torch.Tensor) -> float:
     """Pearson chi-square p-value, pooling cells with expected count < 5."""
-    n = float(observed.sum())
-    expected = expected_prob * n
-    small = expected < 5
-    obs = observed[~small].double().tolist()
-    exp = expected[~small].tolist()
-    if small.any():
-        obs.append(float(observed[small].sum()))
-        exp.append(float(expected[small].sum()))
-    return float(stats.chisquare(obs, exp).pvalue)
+    return pearson_test(observed, expected_prob)[2]
 
 
 def tv_tolerance(prob: torch.Tensor, n: int, delta: float = 1e-6) -> float:

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 from egps_ppl.errors import EGPSError, ModelFileError
 from egps_ppl.models.exact import enumerate_completions
@@ -15,6 +14,7 @@ from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.models.testbeds import random_markov
 from egps_ppl.state import PAD
+from egps_ppl.testing import pearson_test
 
 GOOD = {
     "initial": [0.2, 0.5, 0.3],
@@ -31,15 +31,7 @@ def write(tmp_path, content, name="model.json"):
 
 def chi_square_pvalue(observed: torch.Tensor, expected_prob: torch.Tensor) -> float:
     """Pearson chi-square p-value, pooling cells with expected count < 5."""
-    n = float(observed.sum())
-    expected = expected_prob.double() * n
-    small = expected < 5
-    obs = observed[~small].double().tolist()
-    exp = expected[~small].tolist()
-    if small.any():
-        obs.append(float(observed[small].sum()))
-        exp.append(float(expected[small].sum()))
-    return float(stats.chisquare(obs, exp).pvalue)
+    return pearson_test(observed, expected_prob)[2]
 
 
 # ---------------------------------------------------------------------------------------------- from_json
