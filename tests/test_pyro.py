@@ -270,3 +270,18 @@ def test_pyro_mcmc_with_adapter_matches_exact_pi(monkeypatch: pytest.MonkeyPatch
     assert logged and all("acc. rate" in entry for entry in logged)
     # The chain state (statistics included) was kept between steps: nothing was ever rescored.
     assert rescored == 0
+
+
+def test_target_methods_give_the_pyro_forms():
+    from egps_ppl.kernels import PyroKernel as Exported
+    from egps_ppl.kernels.pyro_adapter import PyroKernel
+    from egps_ppl.target import PowerDistribution
+
+    target = PowerDistribution(random_markov(3, seed=0, eos_token_id=0), [], alpha=2.0, max_new_tokens=3)
+    support, log_pi = ExactPower(target.lm, 2.0, 3).enumerate()
+    potential = target.pyro_potential()
+    tokens = torch.tensor([list(s) + [-1] * (3 - len(s)) for s in support])
+    energies = torch.stack([potential({"x": row}) for row in tokens])
+    # exp(-U) normalised equals the exact π.
+    torch.testing.assert_close(torch.log_softmax(-energies, 0), log_pi, atol=1e-9, rtol=0)
+    assert Exported is PyroKernel and callable(target.pyro_model())

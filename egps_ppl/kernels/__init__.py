@@ -22,3 +22,12 @@ __all__ = [
     "UniformSite",
     "WindowProposal",
 ]
+
+
+def __getattr__(name: str):
+    # The Pyro adapter pulls in pyro.infer; import it only when asked for.
+    if name == "PyroKernel":
+        from egps_ppl.kernels.pyro_adapter import PyroKernel
+
+        return PyroKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
