@@ -154,3 +154,29 @@ def test_block_schedules_from_the_command_line(markov_file, tmp_path, capsys):
         assert "EntropyAdaptive" in load_netcdf(out).posterior.attrs["schedule"] or "--adaptive" not in extra
     assert main(_sample_args(markov_file, tmp_path / "x.nc", "--adaptive")) == 2
     assert "--adaptive needs --block-size" in capsys.readouterr().err
+
+
+def test_hf_prompt_errors(tmp_path, capsys):
+    out = tmp_path / "hf.nc"
+    base = ["sample", "--model", "tiny-gpt2", "--num-chains", "2", "--num-samples", "1", "--warmup", "0",
+            "--max-new-tokens", "8", "--out", str(out), "--no-progress"]  # fmt: skip
+    cases = [
+        (["--prompt", "   "], "the prompt is empty"),
+        (["--prompt", "x" * 600], "exceeds the context window"),
+        (["--prompt", "hi", "--max-new-tokens", "600"], "exceeds the context window"),
+        (["--prompt", "hi", "--out", str(tmp_path / "run.txt")], "--out must end in .nc"),
+    ]
+    for extra, message in cases:
+        args = list(base)
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert main([*base, "--prompt", "Once upon a time"]) == 0
+    assert "Once upon" not in capsys.readouterr().err
+    assert load_netcdf(out).posterior["tokens"].shape == (2, 1, 8)
