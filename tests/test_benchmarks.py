@@ -1,0 +1,79 @@
+"""The benchmarks run and record what they claim (cost counters only: wall-clock times are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def test_prefix_reuse_quick(tmp_path: Path) -> None:
+    from benchmarks import prefix_reuse
+
+    prefix_reuse.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "prefix_reuse.json").read_text())
+    assert (tmp_path / "prefix_reuse.png").stat().st_size > 0
+    assert data["benchmark"] == "prefix_reuse"
+    assert data["config"]["quick"] is True
+    assert data["config"]["threads"] >= 1
+    env = data["environment"]
+    for key in ("torch", "torch_threads", "cpus", "commit", "python"):
+        assert key in env
+    assert list(data["models"]) == ["tiny-gpt2"]
+    model = data["models"]["tiny-gpt2"]
+
+    part1 = model["prefix_reuse"]
+    n, prompt = part1["completion_tokens"], part1["prompt_tokens"]
+    assert n == prefix_reuse.COMPLETION_TOKENS
+    assert [row["cut"] for row in part1["rows"]] == list(prefix_reuse.QUICK_CUTS)
+    for row in part1["rows"]:
+        cut, reuse, recompute = row["cut"], row["reuse"], row["recompute"]
+        assert row["resampled_tokens"] == n - cut
+        for variant in (reuse, recompute):
+            assert variant["decode_tokens"] == n - cut  # EOS masked: the whole suffix is resampled
+            assert len(variant["seconds"]) == row["repeats"] == 1
+            assert variant["seconds_median"] > 0
+        # Reuse re-feeds only x_{i-1}; recomputation prefills the prompt and the kept prefix.
+        assert reuse["scored_tokens"] <= 2
+        assert recompute["scored_tokens"] >= prompt + cut
+        assert reuse["forward_calls"] <= n - cut + 1
+        assert row["speedup"] > 0 and row["prefill_bound"] >= 1
+    for variant in ("reuse", "recompute"):
+        assert set(part1["fit"][variant]) >= {"slope_seconds_per_token", "intercept_seconds", "r2"}
+    assert isinstance(part1["target"]["met"], bool)
+
+    part2 = model["batching"]
+    chains = prefix_reuse.CHAINS
+    assert part2["chains"] == chains
+    assert len(part2["separate"]["per_chain_seconds"]) == chains
+    for variant in ("batched", "separate"):
+        assert part2[variant]["decode_tokens"] > 0
+        assert part2[variant]["tokens_per_second"] > 0
+    # One batched decode call serves all chains; separate runs pay one call per sampled token.
+    assert part2["batched"]["forward_calls"] < part2["separate"]["forward_calls"]
+    assert part2["separate"]["forward_calls"] >= part2["separate"]["decode_tokens"]
+    assert [s["chains"] for s in part2["scaling"]] == list(prefix_reuse.CHAIN_COUNTS)
+    assert part2["speedup_throughput"] > 0
+
+
+def test_common_helpers(tmp_path: Path) -> None:
+    from benchmarks.common import Timer, jsonable, median, write_results
+
+    torch = pytest.importorskip("torch")
+    with Timer() as timer:
+        pass
+    assert timer.seconds >= 0
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([1.0, 2.0]) == 1.5
+    assert jsonable({"a": torch.tensor([1, 2]), "b": float("nan"), "c": (1, 2.5)}) == {
+        "a": [1, 2],
+        "b": None,
+        "c": [1, 2.5],
+    }
+    json_path, png_path = write_results("demo", {"x": 1}, tmp_path)
+    assert png_path is None and json.loads(json_path.read_text()) == {"x": 1}

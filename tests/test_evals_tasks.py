@@ -1,0 +1,236 @@
+"""Tasks: MATH500 offline, arithmetic, GPQA from a CSV, a user's JSONL, and the registry's error messages."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.evals.tasks import MATH_PROMPT, Problem, Task, available_tasks, load_task
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GPQA_CSV = FIXTURES / "gpqa_sample.csv"
+
+
+class _FakeLM:
+    """Just enough of a language model for prompt building: a character tokenizer."""
+
+    name = "fake"
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+# ------------------------------------------------------------------------------------------------ MATH500
+
+
+def test_math500_offline_has_311_problems_with_math500_ids() -> None:
+    task = load_task("math500")
+    assert isinstance(task, Task)
+    problems = task.problems()
+    assert len(problems) == 311
+    ids = [int(p.id) for p in problems]
+    assert len(set(ids)) == 311 and ids == sorted(ids) and ids[0] >= 0 and ids[-1] < 500
+    by_id = {p.id: p for p in problems}
+    assert by_id["3"].answer == "9" and "196" in by_id["3"].prompt  # MATH500 #3: divisors of 196
+    assert all(p.answer.strip() for p in problems)
+    assert len(task.problems(5)) == 5
+
+
+def test_math500_reference_answers_grade_against_themselves() -> None:
+    task = load_task("math500")
+    problems = task.problems()
+    picks = [problems[i] for i in (0, 1, 50, 100, 200, 310)]
+    for p in picks:
+        assert task.grade(p, f"Reasoning... so the answer is \\boxed{{{p.answer}}}.").correct, p
+    for a, b in itertools.pairwise(picks):
+        if a.answer != b.answer:
+            assert not task.grade(a, f"\\boxed{{{b.answer}}}").correct, (a.answer, b.answer)
+    assert task.extract(r"x \boxed{\frac{1}{2}} y") == r"\frac{1}{2}"
+
+
+def test_math500_prompt_is_the_papers() -> None:
+    task = load_task("math500")
+    problem = task.problems(1)[0]
+    ids = task.build_prompt(problem, _FakeLM())
+    text = "".join(chr(i) for i in ids)
+    assert text == MATH_PROMPT.format(problem=problem.prompt)
+    assert text.startswith("Can you solve the following math problem? ")
+    assert text.endswith("put your final answer within \\boxed{}.")
+
+
+def test_math500_local_jsonl_and_hub_message(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        json.dumps({"problem": "1+1?", "answer": "2", "unique_id": "test/a.json"})
+        + "\n"
+        + json.dumps({"problem": "2+2?", "answer": "4", "unique_id": "test/b.json"})
+        + "\n"
+    )
+    task = load_task(f"math500:{path}")
+    assert [p.id for p in task.problems()] == ["test/a.json", "test/b.json"]
+    with pytest.raises(EGPSError, match="no such file"):
+        load_task(f"math500:{tmp_path / 'missing.jsonl'}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(EGPSError, match=r"math500:PATH\.jsonl"):
+            load_task("math500:hub")
+
+
+# --------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_arithmetic_is_seeded_and_prefix_stable() -> None:
+    a, b, c = load_task("arithmetic"), load_task("arithmetic:0"), load_task("arithmetic:1")
+    assert a.problems(30) == b.problems(30)
+    assert [p.prompt for p in a.problems(30)] != [p.prompt for p in c.problems(30)]
+    assert a.problems(10) == a.problems(30)[:10]
+    assert load_task("arithmetic", seed=1).problems(5) == c.problems(5)
+    ids = [p.id for p in a.problems()]
+    assert len(ids) == len(set(ids))
+    assert {p.metadata["op"] for p in a.problems(100)} == {"add", "sub", "mul", "two-step"}
+
+
+def test_arithmetic_answers_are_right() -> None:
+    import re
+
+    for p in load_task("arithmetic:3").problems(200):
+        nums = [int(n) for n in re.findall(r"\d+", p.prompt)]
+        op = p.metadata["op"]
+        expected = {
+            "add": nums[0] + nums[1],
+            "sub": nums[0] - nums[1],
+            "mul": nums[0] * nums[1],
+            "two-step": nums[0] + nums[1] - nums[2] if len(nums) > 2 else None,
+        }[op]
+        assert int(p.answer) == expected >= 0, p
+
+
+def test_arithmetic_grading() -> None:
+    task = load_task("arithmetic")
+    problem = Problem("x", "Tom has 5 apples and gets 8 more.", "13")
+    assert task.grade(problem, "5 + 8 = 13. Answer: 13").correct
+    assert task.extract("5 + 8 = 13. Answer: 13") == "13"
+    assert not task.grade(problem, "Answer: 12").correct
+    assert task.grade(problem, "He has 13 apples").correct  # fallback: the last integer
+    assert not task.grade(problem, "I do not know").correct
+
+
+def test_arithmetic_prompt_needs_a_tokenizer() -> None:
+    task = load_task("arithmetic")
+    with pytest.raises(EGPSError, match="tokenizer"):
+        task.build_prompt(task.problems(1)[0], _FakeLM())
+
+
+# --------------------------------------------------------------------------------------------------- GPQA
+
+
+def test_gpqa_shuffle_is_seeded_and_moves_the_correct_letter() -> None:
+    spec = f"gpqa:{GPQA_CSV}"
+    t0, t0b, t1 = load_task(spec), load_task(spec, seed=0), load_task(spec, seed=1)
+    p0, p1 = t0.problems(), t1.problems()
+    assert len(p0) == 6 and [p.id for p in p0][:2] == ["rec001", "rec002"]
+    assert p0 == t0b.problems() and [p.prompt for p in p0] == [p.prompt for p in t0b.problems()]
+    assert [p.answer for p in p0] != [p.answer for p in p1]
+    letters = {p.answer for seed in range(6) for p in load_task(f"gpqa:{GPQA_CSV}", seed=seed).problems()}
+    assert letters == {"A", "B", "C", "D"}
+    with GPQA_CSV.open(newline="") as fh:
+        correct = {row["Record ID"]: row["Correct Answer"] for row in csv.DictReader(fh)}
+    for p in p0 + p1:
+        index = "ABCD".index(p.answer)
+        assert p.metadata["choices"][index] == correct[p.id]
+        assert f"{p.answer}) {correct[p.id]}" in p.prompt
+        assert "\\boxed{}" in p.prompt
+
+
+def test_gpqa_grading_and_fallbacks() -> None:
+    task = load_task(f"gpqa:{GPQA_CSV}")
+    p = task.problems()[0]
+    wrong = next(letter for letter in "ABCD" if letter != p.answer)
+    assert task.grade(p, f"Thinking... \\boxed{{{p.answer}}}").correct
+    assert not task.grade(p, f"\\boxed{{{p.answer}}} no wait \\boxed{{{wrong}}}").correct
+    assert task.grade(p, f"So the answer is ({p.answer}).").correct
+    assert task.extract(f"I pick {wrong}.") == wrong
+    assert task.extract("nothing") is None
+
+
+def test_gpqa_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(EGPSError, match="no such file"):
+        load_task(f"gpqa:{tmp_path / 'nope.csv'}")
+    with pytest.raises(EGPSError, match=r"gpqa:PATH\.csv"):
+        load_task("gpqa")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Question,Correct Answer,Incorrect Answer 1\nq,a,b\n")
+    with pytest.raises(EGPSError, match=r"Incorrect Answer 2.*Incorrect Answer 3"):
+        load_task(f"gpqa:{bad}")
+
+
+# -------------------------------------------------------------------------------------------------- JSONL
+
+
+def test_jsonl_task(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"id": "q1", "prompt": "What is half of one?", "answer": "\\frac{1}{2}"},
+        {"id": "q2", "problem": "What is 6 times 7?", "answer": 42},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    task = load_task(f"jsonl:{path}")
+    q1, q2 = task.problems()
+    assert (q1.id, q2.id, q2.prompt, q2.answer) == ("q1", "q2", "What is 6 times 7?", "42")
+    assert task.grade(q1, "It is \\boxed{0.5}").correct
+    assert task.grade(q2, "6*7 = 42. Answer: 42").correct
+    assert not task.grade(q2, "\\boxed{41}").correct
+    assert "".join(chr(i) for i in task.build_prompt(q1, _FakeLM())) == "What is half of one?"
+
+
+def test_jsonl_bad_files(tmp_path: Path) -> None:
+    missing = tmp_path / "missing_answer.jsonl"
+    lines = [json.dumps({"id": "a", "prompt": "1+1", "answer": "2"}), json.dumps({"id": "b", "prompt": "2+2"})]
+    missing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EGPSError, match=r"missing_answer\.jsonl:2: missing 'answer'"):
+        load_task(f"jsonl:{missing}")
+    no_prompt = tmp_path / "no_prompt.jsonl"
+    no_prompt.write_text(json.dumps({"id": "a", "answer": "2"}) + "\n")
+    with pytest.raises(EGPSError, match="prompt"):
+        load_task(f"jsonl:{no_prompt}")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a", "prompt": "x", "answer": "1"}\n{not json\n')
+    with pytest.raises(EGPSError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_task(f"jsonl:{broken}")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("\n".join(json.dumps({"id": "a", "prompt": "x", "answer": "1"}) for _ in range(2)))
+    with pytest.raises(EGPSError, match="duplicate id"):
+        load_task(f"jsonl:{dup}")
+    with pytest.raises(EGPSError, match="no such file"):
+        load_task(f"jsonl:{tmp_path / 'absent.jsonl'}")
+
+
+def test_unknown_task_names_the_known_ones() -> None:
+    with pytest.raises(EGPSError, match=r"unknown task 'mmlu'.*math500.*humaneval.*gpqa:PATH\.csv.*jsonl:PATH"):
+        load_task("mmlu")
+    with pytest.raises(EGPSError, match="integer seed"):
+        load_task("arithmetic:abc")
+    assert set(available_tasks()) == {"arithmetic", "math500", "humaneval", "gpqa", "jsonl"}
+
+
+def test_prompts_with_a_real_tokenizer() -> None:
+    """The arithmetic prompt carries the worked examples and the question; MATH500's is the raw papers' text."""
+    from egps_ppl.demo import WORKED_EXAMPLES
+    from egps_ppl.models.registry import load_model
+
+    lm = load_model("tiny-gpt2")
+    arithmetic = load_task("arithmetic")
+    problem = arithmetic.problems(1)[0]
+    text = lm.decode(arithmetic.build_prompt(problem, lm))
+    assert problem.prompt in text and WORKED_EXAMPLES[0][1] in text
+    assert text.rstrip().endswith(problem.prompt) or text.index(problem.prompt) > text.index(WORKED_EXAMPLES[1][1])
+    math500 = load_task("math500")
+    first = math500.problems(1)[0]
+    assert lm.decode(math500.build_prompt(first, lm)) == MATH_PROMPT.format(problem=first.prompt)
