@@ -1,4 +1,4 @@
-"""The ``egps`` command: ``egps sample`` and ``egps models``."""
+"""The ``egps`` command: ``egps sample``, ``egps models``, ``egps eval`` and ``egps report``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,51 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models that need no download")
     models.set_defaults(handler=_cmd_models)
+
+    ev = sub.add_parser("eval", help="evaluate a sampling method on a task; one JSON line per (problem, seed)")
+    ev.add_argument(
+        "--task",
+        required=True,
+        help="arithmetic[:SEED], math500[:PATH.jsonl|:hub], humaneval, gpqa:PATH.csv, jsonl:PATH",
+    )
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="registry name, local path, hub id or markov:PATH.json")
+    ev.add_argument(
+        "--method",
+        required=True,
+        help="plain, low-temp, best-of-n, mh, entropy-mh, mtm, egps, or a kernel spec such as cycle(mh,egps)",
+    )
+    ev.add_argument("--alpha", type=float, default=4.0, help="the power alpha (low-temp samples at 1/alpha)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="maximum completion length T")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems (default: all)")
+    ev.add_argument("--seeds", default="0", help="comma-separated run seeds; the SE of accuracy is over seeds")
+    ev.add_argument("--seed-offset", type=int, default=0, help="add this to every seed in --seeds")
+    ev.add_argument("--num-chains", type=int, default=1, help="MCMC chains per problem (answer: best final state)")
+    ev.add_argument("--steps", type=int, default=10, help="MCMC kernel steps per chain")
+    ev.add_argument("--n", type=int, default=8, help="samples of best-of-n")
+    ev.add_argument("--block-size", type=int, default=None, help="MCMC: grow B tokens per block (Karan & Du)")
+    ev.add_argument("--steps-per-block", type=int, default=10, help="MCMC: kernel steps after each block")
+    ev.add_argument("--adaptive", action="store_true", help="with --block-size: entropy-adaptive moves per block")
+    ev.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode prompts with the chat template (default: the task's own choice)",
+    )
+    ev.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished units")
+    ev.add_argument(
+        "--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="scale out with Ray (not built yet)"
+    )
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ev.add_argument("--out", required=True, help="run directory (results.jsonl, summary.json, a plot)")
+    ev.set_defaults(handler=_cmd_eval)
+
+    report = sub.add_parser("report", help="render several eval runs side by side (Markdown table and PNG)")
+    report.add_argument("runs", nargs="+", metavar="DIR", help="egps eval --out directories")
+    report.add_argument("--out", default=None, help="Markdown file to write (default: print the table)")
+    report.add_argument("--plot", default=None, help="PNG of accuracy vs decode tokens (default: --out with .png)")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
@@ -131,6 +176,77 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     data = mcmc.to_arviz()
     save_netcdf(data, out)
     _print_result(lm, mcmc, format_summary(summarize(data)), out, args.show)
+    return 0
+
+
+def _parse_seeds(text: str, offset: int) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise EGPSError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise EGPSError("--seeds is empty; pass e.g. --seeds 0,1")
+    return [s + offset for s in seeds]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from egps_ppl.evals.methods import load_method
+    from egps_ppl.evals.runner import evaluate
+    from egps_ppl.evals.tasks import load_task
+    from egps_ppl.models.registry import load_model
+
+    if args.ray is not None:
+        raise EGPSError("--ray is not built yet (Ray scale-out is the last part of issue 4); run without --ray")
+    seeds = _parse_seeds(args.seeds, args.seed_offset)
+    if args.limit is not None and args.limit < 0:
+        raise EGPSError(f"--limit must be >= 0, got {args.limit}")
+    if args.max_new_tokens < 1:
+        raise EGPSError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    # Cheap checks first: a bad task or method fails before the model loads.
+    task = load_task(args.task, chat=args.chat)
+    method = load_method(
+        args.method,
+        alpha=args.alpha,
+        steps=args.steps,
+        num_chains=args.num_chains,
+        n=args.n,
+        block_size=args.block_size,
+        steps_per_block=args.steps_per_block,
+        adaptive=args.adaptive,
+    )
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    summary = evaluate(
+        task,
+        method,
+        lm,
+        seeds,
+        args.limit,
+        args.out,
+        resume=args.resume,
+        progress=args.progress,
+        max_new_tokens=args.max_new_tokens,
+        config={"argv": sys.argv[1:], "device": args.device, "dtype": args.dtype},
+    )
+    acc, se = summary["accuracy"], summary["accuracy_se"]
+    accuracy = "n/a" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    cost = summary["mean_decode_tokens"]
+    print(
+        f"{method.name} on {task.name}: accuracy {accuracy} over seeds {','.join(map(str, seeds))} "
+        f"({summary['n_problems']} problems, {summary['n_results']} results); "
+        f"decode tokens/problem {0 if cost is None else cost:.1f}"
+    )
+    print(f"results in {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from egps_ppl.evals.report import write_report
+
+    table, plot = write_report(args.runs, args.out, args.plot)
+    if args.out is None:
+        print(table, end="")
+    else:
+        print(f"report written to {args.out}" + (f" (plot {plot})" if plot else ""))
     return 0
 
 

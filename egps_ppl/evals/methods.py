@@ -1,0 +1,368 @@
+"""Evaluation methods: every sampler as a thin adapter over the library, with the same cost counters.
+
+=============  ========================================================================================
+name           what it runs
+=============  ========================================================================================
+``plain``      one ancestral sample from the base model (temperature 1: ``PowerPolicy(1.0)``)
+``low-temp``   one ancestral sample at temperature ``1/alpha`` (``PowerPolicy(alpha)``)
+``best-of-n``  ``n`` plain samples in one batch; the answer is the one with the highest ``log p``
+``mh``         MCMC with the ``mh`` kernel of :mod:`egps_ppl.kernels.presets` on π ∝ p^α
+``entropy-mh`` MCMC with the ``entropy-mh`` kernel
+``mtm``        MCMC with the ``mtm`` kernel (Multiple-Try Metropolis)
+``egps``       MCMC with the ``egps`` kernel (entropy-jump cuts, local multiple tries)
+=============  ========================================================================================
+
+Any other kernel spec of :func:`egps_ppl.kernels.presets.build_kernel` works too (``entropy-cut-mh``,
+``cycle(mh,egps)``, ``mixture(mh:0.7,egps:0.3)``). ``smc`` and ``sps`` come with the baselines issue.
+
+The answer of an MCMC method
+----------------------------
+Each chain runs ``steps`` kernel steps (optionally after a block-wise growth phase, see
+:class:`~egps_ppl.infer.BlockSchedule`); the answer is the **final state of the chain whose final state has the
+highest target log-probability** α·log p(x). With one chain (the default) that is simply the final state of chain
+0, which is the papers' protocol (one MCMC sample per question). With several chains, taking the best final state
+turns the extra chains into a best-of-C over approximate π-samples; pass ``select="first"`` to keep chain 0's
+final state instead.
+
+Cost counters
+-------------
+Every method reports the backend's :class:`~egps_ppl.models.base.Cost` summed over all rows (chains, tries,
+the ``n`` samples of best-of-n): ``decode_tokens`` (sampled one after another), ``scored_tokens``
+(teacher-forced), ``forward_calls`` (batched forward calls), and ``wall_s`` around the whole run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from egps_ppl.errors import EGPSError, check_alpha, check_positive_int
+from egps_ppl.models.base import Cost, LanguageModel
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import Sequences
+from egps_ppl.target import PowerDistribution
+
+__all__ = [
+    "MCMC_METHODS",
+    "METHODS",
+    "BestOfNMethod",
+    "MCMCMethod",
+    "Method",
+    "MethodResult",
+    "SampleMethod",
+    "available_methods",
+    "load_method",
+]
+
+MCMC_METHODS = ("mh", "entropy-mh", "mtm", "egps")
+METHODS: dict[str, str] = {
+    "plain": "one ancestral sample at temperature 1",
+    "low-temp": "one ancestral sample at temperature 1/alpha",
+    "best-of-n": "n samples at temperature 1, keep the one with the highest log p",
+    "mh": "MCMC, uniform cut, suffix resampled at temperature 1/alpha (Karan & Du)",
+    "entropy-mh": "MCMC, entropy-weighted cut, suffix at temperature 1/alpha",
+    "mtm": "MCMC, uniform cut, Multiple-Try Metropolis",
+    "egps": "MCMC, EGPS kernel (entropy-jump cuts, local multiple tries)",
+}
+LATER_METHODS = ("smc", "sps")
+
+
+@dataclass
+class MethodResult:
+    """What one method run produced for one prompt.
+
+    Attributes
+    ----------
+    completion_ids : list of int
+        The chosen completion's token ids (an EOS token included when the completion ended with one).
+    completion_text : str
+        ``lm.decode(completion_ids)`` (special tokens dropped by text backends).
+    decode_tokens, scored_tokens, forward_calls : int
+        The backend's cost counters, summed over every row the method ran.
+    wall_s : float
+        Wall-clock seconds of the whole run.
+    extra : dict
+        Method-specific JSON-serialisable details (``log_p`` of the answer, acceptance rate, chosen chain...).
+    """
+
+    completion_ids: list[int]
+    completion_text: str
+    decode_tokens: int
+    scored_tokens: int
+    forward_calls: int
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the evaluation runner needs from a method."""
+
+    name: str
+
+    def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        """Produce one answer completion of ``prompt_ids``; the same ``seed`` gives the same completion."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """The method's settings (recorded with the run, compared on ``--resume``)."""
+        ...
+
+
+def _result(
+    lm: LanguageModel, seqs: Sequences, row: int, cost: Cost, started: float, extra: dict[str, Any]
+) -> MethodResult:
+    ids = seqs.row_tokens(row)
+    return MethodResult(
+        completion_ids=ids,
+        completion_text=lm.decode(ids),
+        decode_tokens=int(cost.decode_tokens.sum()),
+        scored_tokens=int(cost.scored_tokens.sum()),
+        forward_calls=int(cost.forward_calls),
+        wall_s=time.perf_counter() - started,
+        extra=extra,
+    )
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+class SampleMethod:
+    """Ancestral sampling from a token policy: ``plain`` (``PowerPolicy(1.0)``) or ``low-temp``
+    (``PowerPolicy(alpha)``).
+
+    Parameters
+    ----------
+    name : str
+        ``"plain"`` or ``"low-temp"``.
+    alpha : float
+        The power; the sampling temperature is 1 for ``plain`` and ``1/alpha`` for ``low-temp``.
+    """
+
+    def __init__(self, name: str, alpha: float = 4.0) -> None:
+        self.name, self.alpha = name, check_alpha(alpha)
+        self.policy = PowerPolicy(1.0 if name == "plain" else self.alpha)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha, "temperature": 1.0 / self.policy.alpha}
+
+    def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        started = time.perf_counter()
+        target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
+        seqs, cost = target.sample_proposal(1, _generator(seed), self.policy)
+        return _result(lm, seqs, 0, cost, started, {"log_p": float(seqs.log_p()[0])})
+
+
+class BestOfNMethod:
+    """``n`` plain samples drawn in one batch; the answer is the sample with the highest ``log p``.
+
+    Parameters
+    ----------
+    n : int
+        Number of samples (``>= 1``).
+    alpha : float
+        Recorded only (best-of-n samples at temperature 1).
+    """
+
+    name = "best-of-n"
+
+    def __init__(self, n: int = 8, alpha: float = 4.0) -> None:
+        self.n, self.alpha = check_positive_int("n", n), check_alpha(alpha)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "n": self.n}
+
+    def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        started = time.perf_counter()
+        target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
+        seqs, cost = target.sample_proposal(self.n, _generator(seed), PowerPolicy(1.0))
+        log_p = seqs.log_p()
+        best = int(torch.argmax(log_p))
+        extra = {"log_p": float(log_p[best]), "chosen": best, "log_p_all": [round(float(v), 4) for v in log_p]}
+        return _result(lm, seqs, best, cost, started, extra)
+
+
+class MCMCMethod:
+    """Power sampling with an MCMC kernel from :func:`~egps_ppl.kernels.presets.build_kernel`.
+
+    Parameters
+    ----------
+    kernel : str
+        A kernel spec (``mh``, ``entropy-mh``, ``mtm``, ``egps``, or a combinator).
+    alpha : float
+        The power α of the target π ∝ p^α.
+    steps : int
+        Kernel steps per chain after the start (or after the block-wise growth phase).
+    num_chains : int
+        Chains run together; the answer is the best final state (see the module docstring).
+    block_size : int or None
+        Grow the completion ``block_size`` tokens at a time with ``steps_per_block`` kernel steps after each
+        block (:class:`~egps_ppl.infer.BlockSchedule`); ``None`` starts from a full ancestral sample.
+    steps_per_block : int
+        Kernel steps after each block.
+    adaptive : bool
+        Use :class:`~egps_ppl.infer.EntropyAdaptiveSchedule` (skip deterministic blocks).
+    select : {"best", "first"}
+        Which final state answers: the highest α·log p over chains, or chain 0's.
+    """
+
+    def __init__(
+        self,
+        kernel: str,
+        alpha: float = 4.0,
+        steps: int = 10,
+        num_chains: int = 1,
+        block_size: int | None = None,
+        steps_per_block: int = 10,
+        adaptive: bool = False,
+        select: str = "best",
+    ) -> None:
+        self.name = kernel
+        self.alpha = check_alpha(alpha)
+        self.steps = check_positive_int("steps", steps)
+        self.num_chains = check_positive_int("num_chains", num_chains)
+        if block_size is not None:
+            check_positive_int("block_size", block_size)
+        elif adaptive:
+            raise EGPSError("the adaptive schedule needs a block size (--block-size)")
+        if isinstance(steps_per_block, bool) or not isinstance(steps_per_block, int) or steps_per_block < 0:
+            raise EGPSError(f"steps_per_block must be an integer >= 0, got {steps_per_block!r}")
+        if select not in ("best", "first"):
+            raise EGPSError(f"select must be 'best' or 'first', got {select!r}")
+        self.block_size, self.steps_per_block = block_size, steps_per_block
+        self.adaptive, self.select = adaptive, select
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "num_chains": self.num_chains,
+            "block_size": self.block_size,
+            "steps_per_block": self.steps_per_block if self.block_size else None,
+            "adaptive": self.adaptive,
+            "select": self.select,
+        }
+
+    def _schedule(self) -> Any:
+        from egps_ppl.infer import BlockSchedule, EntropyAdaptiveSchedule
+
+        if self.block_size is None:
+            return None
+        if self.adaptive:
+            return EntropyAdaptiveSchedule(self.block_size, self.steps_per_block, max_steps=4 * self.steps_per_block)
+        return BlockSchedule(self.block_size, self.steps_per_block)
+
+    def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        from egps_ppl.infer import MCMC
+        from egps_ppl.kernels.presets import build_kernel
+
+        started = time.perf_counter()
+        target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
+        kernel = build_kernel(self.name, target)
+        mcmc = MCMC(
+            kernel,
+            num_samples=1,
+            warmup_steps=self.steps - 1,
+            num_chains=self.num_chains,
+            seed=int(seed),
+            schedule=self._schedule(),
+        ).run()
+        state = mcmc.state
+        lp = target.log_prob(state)
+        row = int(torch.argmax(lp)) if self.select == "best" else 0
+        accept = mcmc.get_sample_stats()["acceptance_rate"]
+        extra = {
+            "log_p": float(state.log_p()[row]),
+            "chosen_chain": row,
+            "final_acceptance_rate": float(accept.mean()),
+        }
+        return _result(lm, state, row, mcmc.total_cost(), started, extra)
+
+
+def available_methods() -> dict[str, str]:
+    """Method names and what each runs."""
+    return dict(METHODS)
+
+
+def load_method(
+    spec: str,
+    alpha: float = 4.0,
+    *,
+    steps: int = 10,
+    num_chains: int = 1,
+    n: int = 8,
+    block_size: int | None = None,
+    steps_per_block: int = 10,
+    adaptive: bool = False,
+    select: str = "best",
+) -> Method:
+    """A method by name.
+
+    Parameters
+    ----------
+    spec : str
+        ``plain``, ``low-temp``, ``best-of-n``, ``mh``, ``entropy-mh``, ``mtm``, ``egps``, or any other kernel spec
+        :func:`~egps_ppl.kernels.presets.build_kernel` accepts (``entropy-cut-mh``, ``cycle(...)``,
+        ``mixture(...)``).
+    alpha : float
+        The power α (temperature ``1/alpha`` for ``low-temp``; the target of the MCMC methods).
+    steps, num_chains, block_size, steps_per_block, adaptive, select
+        MCMC settings (see :class:`MCMCMethod`).
+    n : int
+        Samples of ``best-of-n``.
+
+    Returns
+    -------
+    Method
+
+    Raises
+    ------
+    EGPSError
+        For an unknown name (the message lists the valid ones) or bad settings.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise EGPSError(f"a method name must be a non-empty string; choose one of: {', '.join(METHODS)}")
+    spec = spec.strip().replace(" ", "")
+    check_alpha(alpha)
+    if spec in ("plain", "low-temp"):
+        return SampleMethod(spec, alpha)
+    if spec == "best-of-n":
+        return BestOfNMethod(n, alpha)
+    mcmc_kwargs = {
+        "alpha": alpha,
+        "steps": steps,
+        "num_chains": num_chains,
+        "block_size": block_size,
+        "steps_per_block": steps_per_block,
+        "adaptive": adaptive,
+        "select": select,
+    }
+    if spec in MCMC_METHODS:
+        return MCMCMethod(spec, **mcmc_kwargs)
+    if spec.startswith(("cycle(", "mixture(")) or _is_kernel_preset(spec):
+        _check_kernel_spec(spec)
+        return MCMCMethod(spec, **mcmc_kwargs)
+    raise EGPSError(
+        f"unknown method {spec!r}; choose one of: {', '.join(METHODS)}, or a kernel spec such as cycle(mh,egps) "
+        f"({' and '.join(LATER_METHODS)} come with the baselines issue)"
+    )
+
+
+def _is_kernel_preset(spec: str) -> bool:
+    from egps_ppl.kernels.presets import PRESETS
+
+    return spec in PRESETS
+
+
+def _check_kernel_spec(spec: str) -> None:
+    """Parse a kernel spec once against a throwaway target, so typos fail before any problem is run."""
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.markov import MarkovLM
+
+    lm = MarkovLM([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], eos_token_id=0)
+    build_kernel(spec, PowerDistribution(lm, [], 2.0, 2))

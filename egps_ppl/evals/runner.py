@@ -1,0 +1,449 @@
+"""The evaluation loop behind ``egps eval``: one JSON line per (problem, seed), resumable, with a summary and a plot.
+
+Files in the run directory
+--------------------------
+``config.json``
+    Task, model, method settings and ``max_new_tokens`` (checked on ``--resume``: a run cannot silently mix
+    methods), plus the seeds and limit of the latest invocation.
+``results.jsonl``
+    One JSON object per finished (problem, seed), appended and fsync'ed as soon as it finishes
+    (see :data:`RECORD_FIELDS`). A killed run leaves at most one truncated last line, which ``resume=True``
+    removes before appending.
+``summary.json``
+    :func:`summarize_results` of the selected (problem, seed) units.
+``accuracy_vs_compute.png``
+    Accuracy (± standard error over seeds) against mean decode tokens per problem.
+
+Seeds
+-----
+The generator of unit (problem, seed) is seeded with :func:`unit_seed` ``(seed, problem.id)``: the same seed gives
+the same completion whatever the order, the ``--limit`` or the worker that runs the unit (the Ray seam).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.evals.methods import Method
+from egps_ppl.evals.tasks import Problem, Task
+from egps_ppl.models.base import LanguageModel
+
+__all__ = [
+    "CONFIG_FILE",
+    "PLOT_FILE",
+    "RECORD_FIELDS",
+    "RESULTS_FILE",
+    "SUMMARY_FILE",
+    "evaluate",
+    "evaluate_unit",
+    "plot_accuracy_vs_compute",
+    "read_results",
+    "summarize_results",
+    "unit_seed",
+]
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+PLOT_FILE = "accuracy_vs_compute.png"
+RECORD_FIELDS = (
+    "problem_id",
+    "seed",
+    "method",
+    "completion",
+    "answer",
+    "correct",
+    "decode_tokens",
+    "scored_tokens",
+    "forward_calls",
+    "wall_s",
+)
+"""Fields every line of ``results.jsonl`` has (more are written: see :func:`evaluate_unit`)."""
+COST_FIELDS = ("decode_tokens", "scored_tokens", "forward_calls", "wall_s")
+_RESUME_KEYS = ("task", "model", "method", "max_new_tokens")
+
+
+def unit_seed(seed: int, problem_id: str) -> int:
+    """The generator seed of one (problem, seed) unit: a 31-bit hash of both, stable across runs and machines."""
+    digest = hashlib.sha256(f"egps-eval:{int(seed)}:{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def evaluate_unit(
+    task: Task,
+    method: Method,
+    lm: LanguageModel,
+    problem: Problem,
+    seed: int,
+    *,
+    max_new_tokens: int = 256,
+    problem_index: int | None = None,
+) -> dict[str, Any]:
+    """Run ``method`` on one problem with one seed and grade it; the unit of work a (Ray) worker executes.
+
+    Parameters
+    ----------
+    task, method, lm
+        What to evaluate with what.
+    problem : Problem
+        One of ``task.problems()``.
+    seed : int
+        The run seed; the method's generator gets :func:`unit_seed` ``(seed, problem.id)``.
+    max_new_tokens : int
+        Completion length limit.
+    problem_index : int or None
+        Recorded only (the problem's position in the task).
+
+    Returns
+    -------
+    dict
+        A JSON-serialisable record with :data:`RECORD_FIELDS` and ``problem_index``, ``task``, ``model``,
+        ``reference``, ``grade_detail``, ``unit_seed``, ``prompt_tokens``, ``completion_ids``,
+        ``completion_tokens``, ``grade_s`` and the method's ``extra``.
+    """
+    prompt_ids = task.build_prompt(problem, lm)
+    useed = unit_seed(seed, problem.id)
+    result = method.run(lm, prompt_ids, max_new_tokens, useed)
+    started = time.perf_counter()
+    grade = task.grade(problem, result.completion_text)
+    return {
+        "problem_id": problem.id,
+        "problem_index": problem_index,
+        "seed": int(seed),
+        "unit_seed": useed,
+        "method": method.name,
+        "task": task.name,
+        "model": getattr(lm, "name", str(lm)),
+        "completion": result.completion_text,
+        "answer": grade.extracted,
+        "reference": problem.answer,
+        "correct": bool(grade.correct),
+        "grade_detail": grade.detail,
+        "decode_tokens": int(result.decode_tokens),
+        "scored_tokens": int(result.scored_tokens),
+        "forward_calls": int(result.forward_calls),
+        "wall_s": round(float(result.wall_s), 4),
+        "grade_s": round(time.perf_counter() - started, 4),
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(result.completion_ids),
+        "completion_ids": [int(t) for t in result.completion_ids],
+        "extra": result.extra,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the file
+
+
+def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl`` file (an empty list when it does not exist).
+
+    A last line without its newline (a run killed mid-write), or a last line that is not valid JSON, is dropped;
+    with ``repair=True`` the file is also truncated to its last complete line so appending can resume.
+
+    Raises
+    ------
+    EGPSError
+        For an invalid line before the last one or a record missing :data:`RECORD_FIELDS`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    good_end = 0
+    position = 0
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        end = position + len(raw) + (0 if last else 1)
+        if last:  # the bytes after the final newline: empty, or a truncated record
+            break
+        if raw.strip():
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if number == len(lines) - 1:  # the last line, newline written but record damaged
+                    break
+                raise EGPSError(
+                    f"{path}:{number}: not valid JSON; the results file is damaged (remove that line, or start "
+                    f"again with another --out)"
+                ) from None
+            missing = [f for f in RECORD_FIELDS if not isinstance(record, dict) or f not in record]
+            if missing:
+                raise EGPSError(f"{path}:{number}: a result line without {', '.join(missing)}")
+            records.append(record)
+        good_end = end
+        position = end
+    if repair and good_end != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return records
+
+
+def _append(fh: Any, record: dict[str, Any]) -> None:
+    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_resume_config(path: Path, config: dict[str, Any]) -> None:
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise EGPSError(f"{path} is damaged; remove it to resume, or start again with another --out") from None
+    differ = [k for k in _RESUME_KEYS if k in old and old[k] != config[k]]
+    if differ:
+        detail = "; ".join(f"{k}: was {old[k]!r}, now {config[k]!r}" for k in differ)
+        raise EGPSError(f"cannot resume {path.parent}: the run used different settings ({detail}); use another --out")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def evaluate(
+    task: Task,
+    method: Method,
+    lm: LanguageModel,
+    seeds: Sequence[int],
+    limit: int | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    max_new_tokens: int = 256,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``method`` on the first ``limit`` problems of ``task`` with every seed; write the run directory.
+
+    Parameters
+    ----------
+    task, method, lm
+        What to evaluate with what.
+    seeds : sequence of int
+        Run seeds (accuracy is computed per seed; the standard error is over seeds).
+    limit : int or None
+        How many problems (all when ``None``).
+    out_dir : str or Path
+        The run directory (created if needed).
+    resume : bool
+        Skip the (problem, seed) units already in ``results.jsonl``. Without it an existing non-empty results file
+        is an error.
+    progress : bool
+        Show a progress bar with the running accuracy.
+    max_new_tokens : int
+        Completion length limit.
+    config : dict or None
+        Extra settings recorded in ``config.json`` (e.g. the command line).
+
+    Returns
+    -------
+    dict
+        The summary (also written to ``summary.json``).
+    """
+    seeds = _check_seeds(seeds)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EGPSError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    run_config = {
+        "task": task.name,
+        "model": getattr(lm, "name", str(lm)),
+        "method": method.config(),
+        "max_new_tokens": int(max_new_tokens),
+        "seeds": seeds,
+        "limit": limit,
+        **(config or {}),
+    }
+    if not resume and results_path.exists() and results_path.stat().st_size > 0:
+        raise EGPSError(f"{results_path} already has results; pass --resume to continue that run, or another --out")
+    if resume:
+        _check_resume_config(out / CONFIG_FILE, run_config)
+    done = read_results(results_path, repair=True) if resume else []
+    _write_json(out / CONFIG_FILE, run_config)
+
+    problems = task.problems(limit)
+    finished = {(r["problem_id"], int(r["seed"])) for r in done}
+    todo = [(i, p, s) for i, p in enumerate(problems) for s in seeds if (p.id, s) not in finished]
+    selected = {(p.id, s) for p in problems for s in seeds}
+    correct = sum(1 for r in done if (r["problem_id"], int(r["seed"])) in selected and r["correct"])
+    counted = len(finished & selected)
+
+    started = time.perf_counter()
+    bar = _progress_bar(len(todo), method.name, progress)
+    with results_path.open("a", encoding="utf-8") as fh:
+        for index, problem, seed in todo:
+            record = evaluate_unit(task, method, lm, problem, seed, max_new_tokens=max_new_tokens, problem_index=index)
+            _append(fh, record)
+            counted += 1
+            correct += bool(record["correct"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{correct / counted:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+
+    records = read_results(results_path)
+    summary = summarize_results(records, problems=[p.id for p in problems], seeds=seeds)
+    summary.update(
+        task=task.name,
+        method=method.name,
+        model=run_config["model"],
+        method_config=run_config["method"],
+        max_new_tokens=int(max_new_tokens),
+        run_wall_s=round(time.perf_counter() - started, 3),
+        computed_this_run=len(todo),
+    )
+    _write_json(out / SUMMARY_FILE, summary)
+    plot_accuracy_vs_compute([summary], out / PLOT_FILE)
+    return summary
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds:
+        raise EGPSError("give at least one seed (--seeds 0,1,...)")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise EGPSError(f"seeds must be integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise EGPSError(f"seeds must be distinct, got {seeds!r}")
+    return seeds
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run")
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize_results(
+    records: Sequence[dict[str, Any]],
+    problems: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Accuracy and cost of a set of result records.
+
+    Accuracy is computed per seed (the mean of ``correct`` over that seed's problems); ``accuracy`` is the mean of
+    the per-seed accuracies and ``accuracy_se`` their standard error (sample standard deviation with ``ddof=1``
+    over ``sqrt(number of seeds)``; ``None`` with a single seed). ``accuracy_per_problem`` is the mean over seeds
+    for each problem. Costs are means per (problem, seed) unit, i.e. per problem attempt.
+
+    Parameters
+    ----------
+    records : sequence of dict
+        Result lines (duplicates of a (problem, seed) keep the first).
+    problems, seeds : sequences or None
+        Restrict to these problem ids and seeds, and report how many of their units are missing.
+
+    Returns
+    -------
+    dict
+    """
+    problem_set = None if problems is None else {str(p) for p in problems}
+    seed_set = None if seeds is None else {int(s) for s in seeds}
+    keep: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records:
+        key = (str(r["problem_id"]), int(r["seed"]))
+        if (problem_set is None or key[0] in problem_set) and (seed_set is None or key[1] in seed_set):
+            keep.setdefault(key, r)
+    units = list(keep.values())
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    by_problem: dict[str, list[float]] = defaultdict(list)
+    for (pid, seed), r in keep.items():
+        by_seed[seed].append(float(bool(r["correct"])))
+        by_problem[pid].append(float(bool(r["correct"])))
+    seed_list = sorted(by_seed) if seeds is None else [int(s) for s in seeds]
+    problem_list = sorted(by_problem) if problems is None else [str(p) for p in problems]
+    per_seed = {str(s): _mean(by_seed[s]) for s in seed_list if s in by_seed}
+    per_problem = {pid: _mean(by_problem[pid]) for pid in problem_list if pid in by_problem}
+    seed_acc = list(per_seed.values())
+    accuracy = _mean(seed_acc)
+    se = None
+    if len(seed_acc) >= 2:
+        var = sum((a - accuracy) ** 2 for a in seed_acc) / (len(seed_acc) - 1)
+        se = math.sqrt(var / len(seed_acc))
+    expected = len(problem_list) * len(seed_list)
+    summary: dict[str, Any] = {
+        "n_problems": len(per_problem),
+        "seeds": [int(s) for s in seed_list],
+        "n_results": len(units),
+        "expected_results": expected,
+        "complete": len(units) == expected,
+        "accuracy": accuracy,
+        "accuracy_se": se,
+        "accuracy_per_seed": per_seed,
+        "accuracy_per_problem": per_problem,
+        "total_wall_s": round(sum(float(r["wall_s"]) for r in units), 3),
+    }
+    for name in COST_FIELDS:
+        summary[f"mean_{name}"] = _mean(float(r[name]) for r in units)
+    return summary
+
+
+def plot_accuracy_vs_compute(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy (± SE over seeds) against mean decode tokens per problem, one point per summary; a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    plotted = [s for s in summaries if s.get("accuracy") is not None and s.get("mean_decode_tokens") is not None]
+    for s in plotted:
+        x, y = s["mean_decode_tokens"], s["accuracy"]
+        ax.errorbar([x], [y], yerr=[s["accuracy_se"] or 0.0], fmt="o", capsize=4, label=_label(s))
+    ax.set_xlabel("decode tokens per problem (mean)")
+    ax.set_ylabel("accuracy (mean ± SE over seeds)")
+    ax.set_ylim(-0.02, 1.02)
+    if any(s["mean_decode_tokens"] > 0 for s in plotted):
+        ax.set_xscale("log")
+    title = {s.get("task") for s in plotted} or {"no results yet"}
+    ax.set_title(f"accuracy vs compute: {', '.join(sorted(str(t) for t in title))}", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _label(summary: dict[str, Any]) -> str:
+    config = summary.get("method_config") or {}
+    label = str(summary.get("method", "?"))
+    if "alpha" in config and label != "plain":
+        label += f" α={config['alpha']:g}"
+    if config.get("steps"):
+        label += f" {config['steps']} steps"
+    if config.get("n"):
+        label += f" n={config['n']}"
+    return label

@@ -1,0 +1,140 @@
+"""Evaluation methods: thin adapters over the library with consistent cost counters (exact Markov models, fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.evals.methods import (
+    METHODS,
+    BestOfNMethod,
+    MCMCMethod,
+    Method,
+    MethodResult,
+    SampleMethod,
+    available_methods,
+    load_method,
+)
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.models.testbeds import random_markov
+from egps_ppl.target import PowerDistribution
+
+T = 10
+ALL = ("plain", "low-temp", "best-of-n", "mh", "entropy-mh", "mtm", "egps")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_markov(6, seed=4, eos_token_id=0, concentration=0.5)
+
+
+def _run(spec: str, lm, seed: int = 3, **kwargs) -> MethodResult:
+    return load_method(spec, alpha=4.0, **{"steps": 3, "n": 4, **kwargs}).run(lm, [], T, seed)
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_every_method_runs_with_counters(lm, spec):
+    method = load_method(spec, steps=3, n=4)
+    assert isinstance(method, Method) and method.name == spec
+    result = method.run(lm, [], T, 11)
+    assert 1 <= len(result.completion_ids) <= T
+    assert result.completion_text == lm.decode(result.completion_ids)
+    assert result.decode_tokens >= len(result.completion_ids)
+    assert result.scored_tokens >= 0 and result.forward_calls >= 1 and result.wall_s > 0
+    assert isinstance(result.extra["log_p"], float)
+    # Same seed, same completion; the config is JSON-like and names the method.
+    again = method.run(lm, [], T, 11)
+    assert again.completion_ids == result.completion_ids and again.decode_tokens == result.decode_tokens
+    assert method.config()["name"] == spec
+
+
+def test_plain_and_low_temp_are_library_samples(lm):
+    for spec, alpha in (("plain", 1.0), ("low-temp", 4.0)):
+        result = _run(spec, lm, seed=5)
+        target = PowerDistribution(lm, [], 4.0, T)
+        seqs, cost = target.sample_proposal(1, torch.Generator().manual_seed(5), PowerPolicy(alpha))
+        assert result.completion_ids == seqs.row_tokens(0)
+        # One sequential sample: decode tokens = completion length.
+        assert result.decode_tokens == len(result.completion_ids) == int(cost.decode_tokens.sum())
+        assert result.extra["log_p"] == pytest.approx(float(seqs.log_p()[0]))
+
+
+def test_plain_decode_tokens_equal_length_without_eos():
+    lm = random_markov(5, seed=1, eos_token_id=0, concentration=50.0)  # near uniform: rarely EOS early
+    for seed in range(5):
+        result = _run("plain", lm, seed=seed)
+        assert result.decode_tokens == len(result.completion_ids)
+
+
+def test_best_of_n_sums_decode_tokens_and_keeps_max_log_p(lm):
+    n = 6
+    result = load_method("best-of-n", n=n).run(lm, [], T, 9)
+    target = PowerDistribution(lm, [], 4.0, T)
+    seqs, _ = target.sample_proposal(n, torch.Generator().manual_seed(9), PowerPolicy(1.0))
+    assert result.decode_tokens == int(seqs.length.sum())  # the sum over the n samples
+    best = int(torch.argmax(seqs.log_p()))
+    assert result.completion_ids == seqs.row_tokens(best)
+    assert result.extra["log_p"] == pytest.approx(max(result.extra["log_p_all"]), abs=1e-3)
+    assert len(result.extra["log_p_all"]) == n
+
+
+@pytest.mark.parametrize(("spec", "start"), [("mh", "low-temp"), ("entropy-mh", "low-temp"), ("egps", "plain")])
+def test_mcmc_costs_at_least_its_initial_sample(lm, spec, start):
+    # The chain starts from an ancestral sample of its kernel's policy drawn first from the same generator:
+    # the low-temperature proposal for mh, the base model for egps's tries.
+    for seed in range(3):
+        mcmc = _run(spec, lm, seed=seed, steps=4)
+        init = _run(start, lm, seed=seed)
+        assert mcmc.decode_tokens >= init.decode_tokens
+        assert mcmc.forward_calls > init.forward_calls
+        assert 0.0 <= mcmc.extra["final_acceptance_rate"] <= 1.0
+
+
+def test_mcmc_more_steps_cost_more(lm):
+    few, many = _run("mh", lm, steps=2), _run("mh", lm, steps=12)
+    assert many.forward_calls > few.forward_calls
+    assert many.decode_tokens + many.scored_tokens > few.decode_tokens + few.scored_tokens
+
+
+def test_several_chains_pick_the_best_final_state(lm):
+    for seed in range(4):
+        best = _run("mh", lm, seed=seed, num_chains=4, select="best")
+        first = _run("mh", lm, seed=seed, num_chains=4, select="first")
+        assert first.extra["chosen_chain"] == 0
+        assert best.extra["log_p"] >= first.extra["log_p"] - 1e-9
+        assert best.decode_tokens == first.decode_tokens  # the same run, only the pick differs
+
+
+def test_block_schedule_methods(lm):
+    for adaptive in (False, True):
+        result = _run("egps", lm, block_size=3, steps_per_block=2, adaptive=adaptive)
+        assert 1 <= len(result.completion_ids) <= T
+        assert result.forward_calls >= 1
+    with pytest.raises(EGPSError, match="block size"):
+        load_method("mh", adaptive=True)
+
+
+def test_kernel_specs_are_methods(lm):
+    method = load_method("cycle(mh,egps)", steps=2)
+    assert isinstance(method, MCMCMethod) and method.name == "cycle(mh,egps)"
+    assert method.run(lm, [], T, 0).forward_calls >= 1
+    with pytest.raises(EGPSError, match="unknown kernel"):
+        load_method("cycle(mh,bogus)")
+
+
+def test_unknown_methods_list_the_valid_ones():
+    with pytest.raises(EGPSError) as err:
+        load_method("greedy")
+    message = str(err.value)
+    assert all(name in message for name in METHODS) and "baselines issue" in message
+    with pytest.raises(EGPSError, match="smc and sps come with the baselines issue"):
+        load_method("smc")
+    with pytest.raises(EGPSError, match="steps"):
+        load_method("mh", steps=0)
+    with pytest.raises(EGPSError, match="alpha"):
+        load_method("plain", alpha=-1)
+    with pytest.raises(EGPSError, match="n must be"):
+        load_method("best-of-n", n=0)
+    assert set(available_methods()) == set(ALL)
+    assert isinstance(load_method("plain"), SampleMethod) and isinstance(load_method("best-of-n"), BestOfNMethod)

@@ -1,0 +1,273 @@
+"""The evaluation runner and `egps eval` / `egps report`: JSONL bookkeeping, resume, summary, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from egps_ppl.cli import main
+from egps_ppl.errors import EGPSError
+from egps_ppl.evals.graders import GradeResult
+from egps_ppl.evals.methods import load_method
+from egps_ppl.evals.runner import (
+    RECORD_FIELDS,
+    evaluate,
+    evaluate_unit,
+    read_results,
+    summarize_results,
+    unit_seed,
+)
+from egps_ppl.evals.tasks import Problem
+from egps_ppl.models.testbeds import random_markov
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FirstTokenTask:
+    """Problems over a Markov model (no tokenizer): correct when the first completion token is the answer."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.name = "first-token"
+        self._problems = [Problem(f"p{i}", f"problem {i}", str(1 + i % 3)) for i in range(size)]
+
+    def problems(self, limit=None):
+        return self._problems if limit is None else self._problems[:limit]
+
+    def build_prompt(self, problem, lm):
+        return []
+
+    def extract(self, completion_text):
+        return completion_text.split()[0] if completion_text.split() else None
+
+    def grade(self, problem, completion_text):
+        got = self.extract(completion_text)
+        return GradeResult(got == problem.answer, got, "first token")
+
+
+class CountingMethod:
+    """Wraps a method and counts its runs (to show resumed units are not recomputed)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def config(self):
+        return self.inner.config()
+
+    def run(self, lm, prompt_ids, max_new_tokens, seed):
+        self.calls += 1
+        return self.inner.run(lm, prompt_ids, max_new_tokens, seed)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_markov(5, seed=2, eos_token_id=0, concentration=0.7)
+
+
+def _keys(records):
+    return [(r["problem_id"], r["seed"]) for r in records]
+
+
+def _completions(run_dir):
+    return {(r["problem_id"], r["seed"]): r["completion_ids"] for r in read_results(run_dir / "results.jsonl")}
+
+
+def _run(tmp, lm, method="plain", seeds=(0, 1), limit=None, **kwargs):
+    return evaluate(
+        FirstTokenTask(), load_method(method, steps=2), lm, list(seeds), limit, tmp, progress=False, **kwargs
+    )
+
+
+def test_one_line_per_unit_with_the_fields(tmp_path, lm):
+    summary = _run(tmp_path / "run", lm, "mh", seeds=(0, 1, 2), limit=3, max_new_tokens=6)
+    records = read_results(tmp_path / "run" / "results.jsonl")
+    assert sorted(_keys(records)) == sorted((f"p{i}", s) for i in range(3) for s in (0, 1, 2))
+    for r in records:
+        assert set(RECORD_FIELDS) <= set(r)
+        assert r["method"] == "mh" and r["completion_tokens"] <= 6
+        assert r["unit_seed"] == unit_seed(r["seed"], r["problem_id"])
+        assert r["correct"] == (r["answer"] == r["reference"])
+    assert summary["n_results"] == 9 and summary["complete"] and summary["n_problems"] == 3
+    assert summary["mean_decode_tokens"] == pytest.approx(sum(r["decode_tokens"] for r in records) / 9)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["accuracy"] == summary["accuracy"] and on_disk["method"] == "mh"
+    assert (tmp_path / "run" / "accuracy_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_new_tokens"] == 6
+
+
+def test_same_seed_same_completions_whatever_the_order(tmp_path, lm):
+    _run(tmp_path / "a", lm, "egps", seeds=(0, 1))
+    _run(tmp_path / "b", lm, "egps", seeds=(1, 0))
+    _run(tmp_path / "c", lm, "egps", seeds=(5,))
+    a, b = (_completions(tmp_path / name) for name in ("a", "b"))
+    c = [r["completion_ids"] for r in read_results(tmp_path / "c" / "results.jsonl")]
+    assert a == b
+    assert c != [a[(f"p{i}", 0)] for i in range(4)]  # another seed, other completions
+
+
+def test_evaluate_unit_is_self_contained(lm):
+    task, method = FirstTokenTask(), load_method("best-of-n", n=3)
+    problem = task.problems()[1]
+    one = evaluate_unit(task, method, lm, problem, 4, max_new_tokens=5)
+    two = evaluate_unit(task, method, lm, problem, 4, max_new_tokens=5)
+    assert one["completion"] == two["completion"] and one["problem_id"] == "p1" and one["seed"] == 4
+    assert json.loads(json.dumps(one)) == one
+
+
+def test_summary_mean_and_standard_error_by_hand():
+    def rec(pid, seed, correct, decode):
+        return {
+            "problem_id": pid, "seed": seed, "method": "m", "completion": "", "answer": None, "correct": correct,
+            "decode_tokens": decode, "scored_tokens": 2 * decode, "forward_calls": 1, "wall_s": 0.5,
+        }  # fmt: skip
+
+    records = [
+        rec("a", 0, True, 10), rec("b", 0, False, 20), rec("c", 0, True, 30), rec("d", 0, False, 40),
+        rec("a", 1, True, 10), rec("b", 1, True, 20), rec("c", 1, True, 30), rec("d", 1, False, 40),
+        rec("a", 0, False, 999),  # a duplicate: the first one counts
+    ]  # fmt: skip
+    s = summarize_results(records)
+    assert s["accuracy_per_seed"] == {"0": 0.5, "1": 0.75}
+    assert s["accuracy"] == pytest.approx(0.625)
+    assert s["accuracy_se"] == pytest.approx(math.sqrt(((0.125**2) * 2) / 1) / math.sqrt(2))  # = 0.125
+    assert s["accuracy_se"] == pytest.approx(0.125)
+    assert s["accuracy_per_problem"] == {"a": 1.0, "b": 0.5, "c": 1.0, "d": 0.0}
+    assert s["mean_decode_tokens"] == pytest.approx(25.0) and s["mean_scored_tokens"] == pytest.approx(50.0)
+    assert s["n_results"] == 8 and s["complete"]
+    one_seed = summarize_results(records, seeds=[0], problems=["a", "b", "z"])
+    assert one_seed["accuracy"] == 0.5 and one_seed["accuracy_se"] is None
+    assert one_seed["expected_results"] == 3 and not one_seed["complete"]
+
+
+def test_existing_results_need_resume(tmp_path, lm):
+    _run(tmp_path / "run", lm, limit=2)
+    with pytest.raises(EGPSError, match="--resume"):
+        _run(tmp_path / "run", lm, limit=2)
+    with pytest.raises(EGPSError, match="different settings"):
+        _run(tmp_path / "run", lm, "mh", limit=2, resume=True)
+
+
+def test_resume_after_a_truncated_last_line(tmp_path, lm):
+    full = tmp_path / "full"
+    _run(full, lm, "mh", seeds=(0, 1, 2))
+    lines = (full / "results.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 12
+    # A killed run: 5 finished lines, then half of the 6th without its newline.
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "results.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    method = CountingMethod(load_method("mh", steps=2))
+    summary = evaluate(FirstTokenTask(), method, lm, [0, 1, 2], None, part, resume=True, progress=False)
+    assert method.calls == 7 and summary["computed_this_run"] == 7  # finished lines were not recomputed
+    resumed = (part / "results.jsonl").read_text().splitlines(keepends=True)
+    assert resumed[:5] == lines[:5]
+    keys = _keys(read_results(part / "results.jsonl"))
+    assert len(keys) == len(set(keys)) == 12
+    assert set(keys) == set(_keys(read_results(full / "results.jsonl")))
+    by_key = {(r["problem_id"], r["seed"]): r["completion_ids"] for r in read_results(full / "results.jsonl")}
+    assert all(
+        by_key[(r["problem_id"], r["seed"])] == r["completion_ids"] for r in read_results(part / "results.jsonl")
+    )
+    # Resuming a finished run computes nothing.
+    again = CountingMethod(load_method("mh", steps=2))
+    evaluate(FirstTokenTask(), again, lm, [0, 1, 2], None, part, resume=True, progress=False)
+    assert again.calls == 0 and len(read_results(part / "results.jsonl")) == 12
+
+
+def test_a_damaged_middle_line_is_an_error(tmp_path, lm):
+    _run(tmp_path / "run", lm, limit=2)
+    path = tmp_path / "run" / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    with pytest.raises(EGPSError, match=":2: not valid JSON"):
+        _run(tmp_path / "run", lm, limit=2, resume=True)
+
+
+def test_report_puts_runs_side_by_side(tmp_path, lm, capsys):
+    _run(tmp_path / "plain", lm, "plain")
+    _run(tmp_path / "mh", lm, "mh")
+    md = tmp_path / "report" / "table.md"
+    assert main(["report", str(tmp_path / "plain"), str(tmp_path / "mh"), "--out", str(md)]) == 0
+    text = md.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and rows[1].startswith("| plain") and rows[2].startswith("| mh α=4")
+    assert "first-token" in rows[1] and "accuracy ± SE" in rows[0]
+    assert md.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "plain"), str(tmp_path / "mh")]) == 0
+    assert "| plain" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "egps: error:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def problems_file(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--method", "greedy"], "unknown method"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--task", "jsonl:MISSING"], "no such file"),
+        (["--task", "jsonl:BADCOLS"], "missing 'answer'"),
+        (["--ray"], "--ray is not built yet"),
+        (["--limit", "-1"], "--limit"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, problems_file, capsys, extra, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "x"}\n')
+    extra = [e.replace("MISSING", str(tmp_path / "missing.jsonl")).replace("BADCOLS", str(bad)) for e in extra]
+    args = ["eval", "--task", f"jsonl:{problems_file}", "--model", "tiny-gpt2", "--method", "plain"]
+    args += ["--out", str(tmp_path / "run"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("egps: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_kill_and_resume_from_the_command_line(tmp_path, problems_file):
+    out = tmp_path / "run"
+    args = ["eval", "--task", f"jsonl:{problems_file}", "--model", "tiny-gpt2", "--method", "plain"]
+    args += ["--max-new-tokens", "12", "--seeds", "0,1,2", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "egps_ppl.cli", *args], env=env, start_new_session=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and results.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.02)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    before = results.read_text().splitlines(keepends=True)
+    finished = [line for line in before if line.endswith("\n")]
+    assert len(finished) >= 2
+    assert main(args) == 2  # without --resume an existing results file is refused
+    assert main([*args, "--resume"]) == 0
+    after = results.read_text().splitlines(keepends=True)
+    assert after[: len(finished)] == finished  # finished lines kept, not recomputed
+    keys = _keys(read_results(results))
+    assert len(keys) == len(set(keys)) == 12
+    assert set(keys) == {(f"q{i}", s) for i in range(4) for s in (0, 1, 2)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["computed_this_run"] == 12 - len(finished)
+    if killed:
+        assert len(finished) < 12
