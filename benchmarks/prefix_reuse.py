@@ -158,6 +158,8 @@ def _variant_summary(runs: list[dict[str, Any]], resampled: int) -> dict[str, An
         "seconds_median": mid,
         "seconds_per_resampled_token": mid / resampled if resampled else None,
         **counters,
+        # Tokens run through the model: the re-fed/prefilled ones plus every sampled token but the last.
+        "fed_tokens": counters["scored_tokens"] + max(0, counters["decode_tokens"] - 1),
     }
 
 
@@ -219,6 +221,8 @@ def prefix_reuse_sweep(
         row["recompute"] = _variant_summary(runs["recompute"], resampled)
         row["prefill_seconds_median"] = median([p["seconds"] for p in runs["prefill"]])
         row["speedup"] = row["recompute"]["seconds_median"] / row["reuse"]["seconds_median"]
+        # The gain if time were proportional to tokens fed (compute-bound, e.g. a large model on a GPU).
+        row["fed_tokens_ratio"] = row["recompute"]["fed_tokens"] / max(1, row["reuse"]["fed_tokens"])
         # What the speed-up would be if recomputation were reuse plus the prefill: (prefill + decode) / decode.
         row["prefill_bound"] = (row["prefill_seconds_median"] + row["reuse"]["seconds_median"]) / row["reuse"][
             "seconds_median"
@@ -326,6 +330,9 @@ def batching(
         "target": {"speedup_at_least": TARGET_SPEEDUP},
     }
     out["target"]["met"] = out["speedup_throughput"] >= TARGET_SPEEDUP
+    # Rows that finished early still ride along in the lock-step decode calls: without that waste the batch
+    # would have run the same row-steps at the same speed, so this is the raw gain of batching one decode step.
+    out["speedup_per_row_step"] = out["speedup_throughput"] / batched["lockstep_efficiency"]
     print(
         f"  {chains} chains x {steps} steps: batched {batched['seconds']:.2f}s "
         f"({batched['tokens_per_second']:.1f} tok/s), separate {separate['seconds']:.2f}s "
@@ -473,7 +480,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (1 if args.quick else 2)
     results = run([m.strip() for m in models], cuts, repeats, steps, CHAIN_COUNTS, args.seed, args.threads, args.quick)
-    json_path, png_path = write_results(NAME, results, args.out, figure=plot(results))
+    figure = plot(results)
+    json_path, png_path = write_results(NAME, results, args.out, figure=figure)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
     print(f"wrote {json_path} and {png_path} in {results['total_seconds']:.0f}s", flush=True)
     return results
 

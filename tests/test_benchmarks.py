@@ -43,6 +43,8 @@ def test_prefix_reuse_quick(tmp_path: Path) -> None:
         assert reuse["scored_tokens"] <= 2
         assert recompute["scored_tokens"] >= prompt + cut
         assert reuse["forward_calls"] <= n - cut + 1
+        assert reuse["fed_tokens"] == reuse["scored_tokens"] + n - cut - 1
+        assert row["fed_tokens_ratio"] > 1
         assert row["speedup"] > 0 and row["prefill_bound"] >= 1
     for variant in ("reuse", "recompute"):
         assert set(part1["fit"][variant]) >= {"slope_seconds_per_token", "intercept_seconds", "r2"}
