@@ -35,6 +35,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.prefix_reuse
+	$(BIN)/python -m benchmarks.egps_speedup --docs docs/benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ from egps_ppl.target import PowerDistribution
 PresetFactory = Callable[[PowerDistribution, PowerPolicy], Kernel]
 
 EGPS_DEFAULTS = {"num_tries": 8, "beta": 4.0, "floor": 1e-3, "local_width": 4}
-"""Chosen on the sparse-decision test beds (benchmarks/egps_speedup.py); see docs/benchmarks.md."""
+"""Chosen on the sparse-decision test beds (benchmarks/egps_speedup.py); see docs/benchmarks/egps_speedup.md."""
 
 
 def _egps(target: PowerDistribution, policy: PowerPolicy) -> Kernel:
