@@ -153,7 +153,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from egps_ppl.diagnostics import format_summary, save_netcdf, summarize
-    from egps_ppl.infer import MCMC, BlockSchedule, EntropyAdaptiveSchedule
+    from egps_ppl.infer import MCMC, make_schedule
     from egps_ppl.kernels.presets import build_kernel
     from egps_ppl.models.policy import PowerPolicy
     from egps_ppl.models.registry import load_model
@@ -170,17 +170,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     policy = PowerPolicy(args.alpha, top_k=args.top_k, top_p=args.top_p)
     kernel = build_kernel(args.kernel, target, policy)
     initial = _read_init(args.init, args.num_chains) if args.init else None
-    schedule = None
-    if args.block_size is not None:
-        if initial is not None:
-            raise EGPSError("--init and --block-size exclude each other: a schedule grows its own start")
-        schedule = (
-            EntropyAdaptiveSchedule(args.block_size, args.steps_per_block, max_steps=4 * args.steps_per_block)
-            if args.adaptive
-            else BlockSchedule(args.block_size, args.steps_per_block)
-        )
-    elif args.adaptive:
-        raise EGPSError("--adaptive needs --block-size")
+    if initial is not None and args.block_size is not None:
+        raise EGPSError("--init and --block-size exclude each other: a schedule grows its own start")
+    schedule = make_schedule(args.block_size, args.steps_per_block, args.adaptive)
     mcmc = MCMC(
         kernel,
         num_samples=args.num_samples,

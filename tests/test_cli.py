@@ -30,6 +30,17 @@ def _sample_args(markov_file, out, *extra):
     ]  # fmt: skip
 
 
+def _override(args, extra):
+    """``args`` with each ``--flag value`` pair of ``extra`` replaced or appended."""
+    args = list(args)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
 def test_sample_writes_the_contracted_arviz_file(markov_file, tmp_path, capsys):
     out = tmp_path / "run.nc"
     assert main(_sample_args(markov_file, out)) == 0
@@ -119,12 +130,7 @@ def test_bad_model_and_init_files(tmp_path, markov_file, capsys):
     ]
     for extra, message in cases:
         out = tmp_path / "bad.nc"
-        args = _sample_args(markov_file, out)
-        for flag, value in zip(extra[::2], extra[1::2], strict=True):
-            if flag in args:
-                args[args.index(flag) + 1] = value
-            else:
-                args += [flag, value]
+        args = _override(_sample_args(markov_file, out), extra)
         assert main(args) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -153,7 +159,7 @@ def test_block_schedules_from_the_command_line(markov_file, tmp_path, capsys):
         assert main(_sample_args(markov_file, out, *extra, "--steps-per-block", "2")) == 0
         assert "EntropyAdaptive" in load_netcdf(out).posterior.attrs["schedule"] or "--adaptive" not in extra
     assert main(_sample_args(markov_file, tmp_path / "x.nc", "--adaptive")) == 2
-    assert "--adaptive needs --block-size" in capsys.readouterr().err
+    assert "adaptive schedule needs a block size (--block-size)" in capsys.readouterr().err
 
 
 def test_hf_prompt_errors(tmp_path, capsys):
@@ -167,12 +173,7 @@ def test_hf_prompt_errors(tmp_path, capsys):
         (["--prompt", "hi", "--out", str(tmp_path / "run.txt")], "--out must end in .nc"),
     ]
     for extra, message in cases:
-        args = list(base)
-        for flag, value in zip(extra[::2], extra[1::2], strict=True):
-            if flag in args:
-                args[args.index(flag) + 1] = value
-            else:
-                args += [flag, value]
+        args = _override(base, extra)
         assert main(args) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -249,13 +249,9 @@ class MCMCMethod:
         }
 
     def _schedule(self) -> Any:
-        from egps_ppl.infer import BlockSchedule, EntropyAdaptiveSchedule
+        from egps_ppl.infer import make_schedule
 
-        if self.block_size is None:
-            return None
-        if self.adaptive:
-            return EntropyAdaptiveSchedule(self.block_size, self.steps_per_block, max_steps=4 * self.steps_per_block)
-        return BlockSchedule(self.block_size, self.steps_per_block)
+        return make_schedule(self.block_size, self.steps_per_block, self.adaptive)
 
     def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
         from egps_ppl.infer import MCMC

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from egps_ppl.errors import check_positive_int
+from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
@@ -101,3 +101,15 @@ class EntropyAdaptiveSchedule(BlockSchedule):
         if mass < self.epsilon:
             return 0
         return min(self.max_steps, math.ceil(self.moves_per_nat * mass))
+
+
+def make_schedule(block_size: int | None, steps_per_block: int, adaptive: bool = False) -> BlockSchedule | None:
+    """The growth schedule for command-line style options: none without ``block_size``; the adaptive one
+    may spend up to 4x ``steps_per_block`` on a block with high entropy mass."""
+    if block_size is None:
+        if adaptive:
+            raise EGPSError("the adaptive schedule needs a block size (--block-size)")
+        return None
+    if adaptive:
+        return EntropyAdaptiveSchedule(block_size, steps_per_block, max_steps=4 * steps_per_block)
+    return BlockSchedule(block_size, steps_per_block)
