@@ -123,7 +123,8 @@ class MultipleTryMetropolis(Kernel):
         tries, log_w, drawn_cost = self._draw(state, cut, k, generator)
         cost = cost + drawn_cost
         start = cut.clamp(min=0)
-        log_w_x = self.target.log_prob(state) - state.total("logq", start, self._reach(state, start))
+        current_lp = self.target.log_prob(state)
+        log_w_x = current_lp - state.total("logq", start, self._reach(state, start))
         balanced = self.weights == "balanced"
         select_w = 0.5 * log_w if balanced else log_w
         chosen_j = _pick(select_w, generator) if k > 1 else torch.zeros_like(cut)
@@ -145,7 +146,7 @@ class MultipleTryMetropolis(Kernel):
             forward - backward + site_log_prob(self.selector.log_probs(chosen), cut) - site_log_prob(site_lp, cut)
         )
         log_ratio = torch.where(torch.isneginf(forward), torch.full_like(forward, -torch.inf), log_ratio)
-        accepted, accept_prob = metropolis_accept(log_ratio, self.target.log_prob(state), generator)
+        accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator)
         accepted &= cut >= 0
         accept_prob = torch.where(cut >= 0, accept_prob, torch.zeros_like(accept_prob))
         new_state = lm.merge(accepted, state, chosen)

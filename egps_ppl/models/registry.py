@@ -68,6 +68,15 @@ def _random_model(config: Any, device: str, dtype: str) -> Any:
     return model.to(device=device, dtype=parse_dtype(dtype)).eval()
 
 
+def _byte_model(config: Any, name: str, device: str, dtype: str, kwargs: dict[str, Any]) -> HFModel:
+    """A random model from ``config`` over the byte tokenizer; ``attn_implementation`` in ``kwargs`` goes to the
+    config, the rest to :class:`HFModel`."""
+    attn = kwargs.pop("attn_implementation", None)
+    if attn:
+        config._attn_implementation = attn
+    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name=name, **kwargs)
+
+
 def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
     """A random 2-layer GPT-2 (absolute positions) over bytes: peaked next-token distributions of varied entropy.
 
@@ -75,7 +84,6 @@ def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFM
     """
     from transformers import GPT2Config
 
-    attn = kwargs.pop("attn_implementation", None)
     config = GPT2Config(
         vocab_size=257,
         n_positions=512,
@@ -86,16 +94,13 @@ def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFM
         bos_token_id=256,
         eos_token_id=256,
     )
-    if attn:
-        config._attn_implementation = attn
-    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name="tiny-gpt2", **kwargs)
+    return _byte_model(config, "tiny-gpt2", device, dtype, kwargs)
 
 
 def tiny_llama(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
     """A random 2-layer Llama (RoPE, grouped-query attention 4 heads / 2 KV heads) over bytes."""
     from transformers import LlamaConfig
 
-    attn = kwargs.pop("attn_implementation", None)
     config = LlamaConfig(
         vocab_size=257,
         hidden_size=64,
@@ -110,9 +115,7 @@ def tiny_llama(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HF
         pad_token_id=None,
         tie_word_embeddings=False,
     )
-    if attn:
-        config._attn_implementation = attn
-    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name="tiny-llama", **kwargs)
+    return _byte_model(config, "tiny-llama", device, dtype, kwargs)
 
 
 def smollm2_path() -> Path:
