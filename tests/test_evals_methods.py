@@ -8,11 +8,10 @@ import torch
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import (
     METHODS,
-    BestOfNMethod,
     MCMCMethod,
     Method,
     MethodResult,
-    SampleMethod,
+    SamplerMethod,
     available_methods,
     load_method,
 )
@@ -21,7 +20,7 @@ from egps_ppl.models.testbeds import random_markov
 from egps_ppl.target import PowerDistribution
 
 T = 10
-ALL = ("plain", "low-temp", "best-of-n", "mh", "entropy-mh", "mtm", "egps")
+ALL = ("plain", "low-temp", "best-of-n", "smc", "sps", "mh", "entropy-mh", "mtm", "egps")
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +126,7 @@ def test_unknown_methods_list_the_valid_ones():
     with pytest.raises(EGPSError) as err:
         load_method("greedy")
     message = str(err.value)
-    assert all(name in message for name in METHODS) and "baselines issue" in message
-    with pytest.raises(EGPSError, match="smc and sps come with the baselines issue"):
-        load_method("smc")
+    assert all(name in message for name in METHODS)
     with pytest.raises(EGPSError, match="steps"):
         load_method("mh", steps=0)
     with pytest.raises(EGPSError, match="alpha"):
@@ -137,4 +134,41 @@ def test_unknown_methods_list_the_valid_ones():
     with pytest.raises(EGPSError, match="n must be"):
         load_method("best-of-n", n=0)
     assert set(available_methods()) == set(ALL)
-    assert isinstance(load_method("plain"), SampleMethod) and isinstance(load_method("best-of-n"), BestOfNMethod)
+    assert all(isinstance(load_method(name), SamplerMethod) for name in ("plain", "low-temp", "best-of-n"))
+
+
+def test_smc_and_sps_are_library_samplers(lm):
+    from egps_ppl.infer import PowerSMC, ScalablePowerSampler
+
+    target = PowerDistribution(lm, [], 4.0, T)
+    for spec, sampler in (
+        ("smc", PowerSMC(num_particles=16)),
+        ("sps", ScalablePowerSampler(top_k=3, rollouts=2, horizon=4)),
+    ):
+        result = _run(spec, lm, seed=7, particles=16, top_k=3, rollouts=2, horizon=4)
+        drawn = sampler.run(target, torch.Generator().manual_seed(7))
+        assert result.completion_ids == drawn.samples.row_tokens(drawn.chosen)
+        assert result.decode_tokens == int(drawn.cost.decode_tokens.sum())
+    smc = _run("smc", lm, particles=16)
+    assert isinstance(smc.extra["log_evidence"], float) and len(smc.extra["log_p_all"]) == 16
+
+
+def test_any_sampler_is_a_method(lm):
+    """A user's own sampler (the Sampler protocol) evaluates like the built-in ones."""
+    from egps_ppl.infer.samplers import LowTempSampler, SamplerResult
+
+    class LastOfTwo:
+        name = "last-of-two"
+
+        def config(self):
+            return {"name": self.name}
+
+        def run(self, target, generator=None):
+            drawn = LowTempSampler(n=2).run(target, generator)
+            return SamplerResult(drawn.samples, 1, drawn.cost)
+
+    method = SamplerMethod(LastOfTwo(), alpha=4.0)
+    assert isinstance(method, Method) and method.config() == {"name": "last-of-two", "alpha": 4.0}
+    result = method.run(lm, [], T, 5)
+    seqs, _ = PowerDistribution(lm, [], 4.0, T).sample_proposal(2, torch.Generator().manual_seed(5))
+    assert result.completion_ids == seqs.row_tokens(1) and result.extra["chosen"] == 1

@@ -1,19 +1,21 @@
 """Evaluation methods: every sampler as a thin adapter over the library, with the same cost counters.
 
-=============  ========================================================================================
-name           what it runs
-=============  ========================================================================================
-``plain``      one ancestral sample from the base model (temperature 1: ``PowerPolicy(1.0)``)
-``low-temp``   one ancestral sample at temperature ``1/alpha`` (``PowerPolicy(alpha)``)
-``best-of-n``  ``n`` plain samples in one batch; the answer is the one with the highest ``log p``
-``mh``         MCMC with the ``mh`` kernel of :mod:`egps_ppl.kernels.presets` on π ∝ p^α
-``entropy-mh`` MCMC with the ``entropy-mh`` kernel
-``mtm``        MCMC with the ``mtm`` kernel (Multiple-Try Metropolis)
-``egps``       MCMC with the ``egps`` kernel (entropy-jump cuts, local multiple tries)
-=============  ========================================================================================
+| name | what it runs |
+| --- | --- |
+| ``plain`` | one ancestral sample from the base model (temperature 1: ``PowerPolicy(1.0)``) |
+| ``low-temp`` | one ancestral sample at temperature ``1/alpha`` (``PowerPolicy(alpha)``) |
+| ``best-of-n`` | ``n`` plain samples in one batch; the answer is the one with the highest ``log p`` |
+| ``smc`` | Power-SMC (:class:`~egps_ppl.infer.smc.PowerSMC`); the answer is one particle drawn ∝ weight |
+| ``sps`` | Scalable Power Sampling (:class:`~egps_ppl.infer.sps.ScalablePowerSampler`) |
+| ``mh`` | MCMC with the ``mh`` kernel of :mod:`egps_ppl.kernels.presets` on π ∝ p^α |
+| ``entropy-mh`` | MCMC with the ``entropy-mh`` kernel |
+| ``mtm`` | MCMC with the ``mtm`` kernel (Multiple-Try Metropolis) |
+| ``egps`` | MCMC with the ``egps`` kernel (entropy-jump cuts, local multiple tries) |
 
 Any other kernel spec of :func:`egps_ppl.kernels.presets.build_kernel` works too (``entropy-cut-mh``,
-``cycle(mh,egps)``, ``mixture(mh:0.7,egps:0.3)``). ``smc`` and ``sps`` come with the baselines issue.
+``cycle(mh,egps)``, ``mixture(mh:0.7,egps:0.3)``). The first five are :class:`SamplerMethod` adapters over
+the samplers of :mod:`egps_ppl.infer` (one protocol: ``run(target, generator) -> SamplerResult``); the MCMC ones
+are :class:`MCMCMethod`.
 
 The answer of an MCMC method
 ----------------------------
@@ -40,34 +42,36 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from egps_ppl.errors import EGPSError, check_alpha, check_positive_int
+from egps_ppl.infer.samplers import Sampler
 from egps_ppl.models.base import Cost, LanguageModel
-from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
 __all__ = [
     "MCMC_METHODS",
     "METHODS",
-    "BestOfNMethod",
+    "SAMPLER_METHODS",
     "MCMCMethod",
     "Method",
     "MethodResult",
-    "SampleMethod",
+    "SamplerMethod",
     "available_methods",
     "load_method",
 ]
 
+SAMPLER_METHODS = ("plain", "low-temp", "best-of-n", "smc", "sps")
 MCMC_METHODS = ("mh", "entropy-mh", "mtm", "egps")
 METHODS: dict[str, str] = {
     "plain": "one ancestral sample at temperature 1",
     "low-temp": "one ancestral sample at temperature 1/alpha",
     "best-of-n": "n samples at temperature 1, keep the one with the highest log p",
+    "smc": "Power-SMC: particles at temperature 1/alpha, alpha bridge, resampling; one particle by weight",
+    "sps": "Scalable Power Sampling: next token (or block) from p^alpha times a rollout estimate of the future",
     "mh": "MCMC, uniform cut, suffix resampled at temperature 1/alpha (Karan & Du)",
     "entropy-mh": "MCMC, entropy-weighted cut, suffix at temperature 1/alpha",
     "mtm": "MCMC, uniform cut, Multiple-Try Metropolis",
     "egps": "MCMC, EGPS kernel (entropy-jump cuts, local multiple tries)",
 }
-LATER_METHODS = ("smc", "sps")
 
 
 @dataclass
@@ -131,59 +135,40 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-class SampleMethod:
-    """Ancestral sampling from a token policy: ``plain`` (``PowerPolicy(1.0)``) or ``low-temp``
-    (``PowerPolicy(alpha)``).
+class SamplerMethod:
+    """A sampler of :mod:`egps_ppl.infer` (anything with the :class:`~egps_ppl.infer.samplers.Sampler` protocol)
+    as a method: the answer is the row the sampler outputs (``SamplerResult.chosen``).
 
     Parameters
     ----------
-    name : str
-        ``"plain"`` or ``"low-temp"``.
+    sampler : Sampler
+        ``PlainSampler``, ``LowTempSampler``, ``BestOfNSampler``, ``PowerSMC``, ``ScalablePowerSampler`` or your own.
     alpha : float
-        The power; the sampling temperature is 1 for ``plain`` and ``1/alpha`` for ``low-temp``.
+        The power α of the target π ∝ p^α handed to the sampler.
     """
 
-    def __init__(self, name: str, alpha: float = 4.0) -> None:
-        self.name, self.alpha = name, check_alpha(alpha)
-        self.policy = PowerPolicy(1.0 if name == "plain" else self.alpha)
+    def __init__(self, sampler: Sampler, alpha: float = 4.0) -> None:
+        self.sampler, self.alpha = sampler, check_alpha(alpha)
+        self.name = sampler.name
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "alpha": self.alpha, "temperature": 1.0 / self.policy.alpha}
+        """The sampler's settings plus ``name`` and ``alpha``."""
+        return {**self.sampler.config(), "name": self.name, "alpha": self.alpha}
 
     def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        """Run the sampler on π ∝ p(· | prompt)^α with a generator seeded by ``seed``; answer its chosen row."""
         started = time.perf_counter()
         target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
-        seqs, cost = target.sample_proposal(1, _generator(seed), self.policy)
-        return _result(lm, seqs, 0, cost, started, {"log_p": float(seqs.log_p()[0])})
-
-
-class BestOfNMethod:
-    """``n`` plain samples drawn in one batch; the answer is the sample with the highest ``log p``.
-
-    Parameters
-    ----------
-    n : int
-        Number of samples (``>= 1``).
-    alpha : float
-        Recorded only (best-of-n samples at temperature 1).
-    """
-
-    name = "best-of-n"
-
-    def __init__(self, n: int = 8, alpha: float = 4.0) -> None:
-        self.n, self.alpha = check_positive_int("n", n), check_alpha(alpha)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n}
-
-    def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
-        started = time.perf_counter()
-        target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
-        seqs, cost = target.sample_proposal(self.n, _generator(seed), PowerPolicy(1.0))
-        log_p = seqs.log_p()
-        best = int(torch.argmax(log_p))
-        extra = {"log_p": float(log_p[best]), "chosen": best, "log_p_all": [round(float(v), 4) for v in log_p]}
-        return _result(lm, seqs, best, cost, started, extra)
+        drawn = self.sampler.run(target, _generator(seed))
+        log_p = drawn.samples.log_p()
+        extra: dict[str, Any] = {"log_p": float(log_p[drawn.chosen])}
+        if drawn.samples.num_rows > 1:
+            extra["chosen"] = drawn.chosen
+            extra["log_p_all"] = [round(float(v), 4) for v in log_p]
+        if drawn.log_evidence is not None:
+            extra["log_evidence"] = float(drawn.log_evidence)
+        extra.update(drawn.extra)
+        return _result(lm, drawn.samples, drawn.chosen, drawn.cost, started, extra)
 
 
 class MCMCMethod:
@@ -237,6 +222,7 @@ class MCMCMethod:
         self.adaptive, self.select = adaptive, select
 
     def config(self) -> dict[str, Any]:
+        """The MCMC settings (recorded with a run and compared on ``--resume``)."""
         return {
             "name": self.name,
             "alpha": self.alpha,
@@ -254,6 +240,7 @@ class MCMCMethod:
         return make_schedule(self.block_size, self.steps_per_block, self.adaptive)
 
     def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
+        """Run the chains with seed ``seed`` and answer the selected final state (see the module docstring)."""
         from egps_ppl.infer import MCMC
         from egps_ppl.kernels.presets import build_kernel
 
@@ -292,6 +279,10 @@ def load_method(
     steps: int = 10,
     num_chains: int = 1,
     n: int = 8,
+    particles: int = 64,
+    top_k: int = 8,
+    rollouts: int = 8,
+    horizon: int | None = 192,
     block_size: int | None = None,
     steps_per_block: int = 10,
     adaptive: bool = False,
@@ -302,15 +293,24 @@ def load_method(
     Parameters
     ----------
     spec : str
-        ``plain``, ``low-temp``, ``best-of-n``, ``mh``, ``entropy-mh``, ``mtm``, ``egps``, or any other kernel spec
-        :func:`~egps_ppl.kernels.presets.build_kernel` accepts (``entropy-cut-mh``, ``cycle(...)``,
-        ``mixture(...)``).
+        ``plain``, ``low-temp``, ``best-of-n``, ``smc``, ``sps``, ``mh``, ``entropy-mh``, ``mtm``, ``egps``, or any
+        other kernel spec :func:`~egps_ppl.kernels.presets.build_kernel` accepts (``entropy-cut-mh``,
+        ``cycle(...)``, ``mixture(...)``).
     alpha : float
-        The power α (temperature ``1/alpha`` for ``low-temp``; the target of the MCMC methods).
-    steps, num_chains, block_size, steps_per_block, adaptive, select
+        The power α (temperature ``1/alpha`` for ``low-temp``; the target of every other method but ``plain`` and
+        ``best-of-n``).
+    steps, num_chains, steps_per_block, adaptive, select
         MCMC settings (see :class:`MCMCMethod`).
     n : int
         Samples of ``best-of-n``.
+    particles : int
+        Particles of ``smc`` (:class:`~egps_ppl.infer.smc.PowerSMC`).
+    top_k, rollouts, horizon
+        ``sps`` (:class:`~egps_ppl.infer.sps.ScalablePowerSampler`): candidates per step, rollouts per candidate
+        and their horizon (``None``: to the end).
+    block_size : int or None
+        MCMC: grow the completion ``block_size`` tokens at a time; ``sps``: sample blocks of that many tokens
+        instead of single tokens.
 
     Returns
     -------
@@ -325,10 +325,11 @@ def load_method(
         raise EGPSError(f"a method name must be a non-empty string; choose one of: {', '.join(METHODS)}")
     spec = spec.strip().replace(" ", "")
     check_alpha(alpha)
-    if spec in ("plain", "low-temp"):
-        return SampleMethod(spec, alpha)
-    if spec == "best-of-n":
-        return BestOfNMethod(n, alpha)
+    if spec in SAMPLER_METHODS:
+        return SamplerMethod(
+            _sampler(spec, n=n, particles=particles, top_k=top_k, rollouts=rollouts, horizon=horizon, block=block_size),
+            alpha,
+        )
     mcmc_kwargs = {
         "alpha": alpha,
         "steps": steps,
@@ -344,9 +345,28 @@ def load_method(
         _check_kernel_spec(spec)
         return MCMCMethod(spec, **mcmc_kwargs)
     raise EGPSError(
-        f"unknown method {spec!r}; choose one of: {', '.join(METHODS)}, or a kernel spec such as cycle(mh,egps) "
-        f"({' and '.join(LATER_METHODS)} come with the baselines issue)"
+        f"unknown method {spec!r}; choose one of: {', '.join(METHODS)}, or a kernel spec such as cycle(mh,egps)"
     )
+
+
+def _sampler(
+    spec: str, *, n: int, particles: int, top_k: int, rollouts: int, horizon: int | None, block: int | None
+) -> Sampler:
+    from egps_ppl.infer import samplers
+
+    if spec == "plain":
+        return samplers.PlainSampler()
+    if spec == "low-temp":
+        return samplers.LowTempSampler()
+    if spec == "best-of-n":
+        return samplers.BestOfNSampler(n)
+    if spec == "smc":
+        from egps_ppl.infer.smc import PowerSMC
+
+        return PowerSMC(num_particles=particles)
+    from egps_ppl.infer.sps import ScalablePowerSampler
+
+    return ScalablePowerSampler(top_k=top_k, rollouts=rollouts, horizon=horizon, block_size=block)
 
 
 def _is_kernel_preset(spec: str) -> bool:
