@@ -37,5 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.prefix_reuse
 	$(BIN)/python -m benchmarks.egps_speedup --docs docs/benchmarks
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -41,6 +41,25 @@ class Sequences:
         End-of-sequence id (or ``None`` when the model has none).
     cache:
         Opaque backend handle (e.g. a KV pool); ``None`` where the backend needs none.
+
+    Notes
+    -----
+    Instances are immutable; the methods return new batches. Kernels should select and merge rows through the
+    backend (``lm.take``, ``lm.merge``), which carries ``cache`` along, rather than with :meth:`take` and
+    :meth:`where` directly.
+
+    Examples
+    --------
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(random_markov(3, seed=1), [], alpha=2.0, max_new_tokens=4)
+    >>> seqs, cost = target.from_completions([[1, 2, 0], [2, 2, 2, 1]])
+    >>> seqs.num_rows, seqs.capacity, seqs.length.tolist()
+    (2, 4, [3, 4])
+    >>> seqs.finished().tolist(), seqs.complete().tolist()
+    ([True, False], [True, True])
+    >>> seqs.row_tokens(0)
+    [1, 2, 0]
     """
 
     prompt: torch.Tensor
@@ -67,7 +86,30 @@ class Sequences:
         cache: Any = None,
         device: torch.device | str = "cpu",
     ) -> Sequences:
-        """Rows with no completion tokens yet."""
+        """Rows with no completion tokens yet.
+
+        Parameters
+        ----------
+        prompt : torch.Tensor
+            ``LongTensor[P]`` prompt ids shared by all rows.
+        num_rows : int
+            ``C``, the number of rows (chains).
+        capacity : int
+            ``T``, the maximum completion length; also the initial ``limit``.
+        policy : PowerPolicy
+            The token policy of ``logq`` and ``logz``.
+        eos_token_id : int or None
+            End-of-sequence id.
+        cache : object, optional
+            The backend's handle for these rows (e.g. a KV pool holding the prompt).
+        device : torch.device or str
+            Where the tensors live.
+
+        Returns
+        -------
+        Sequences
+            Tokens all ``PAD``, lengths and statistics all zero.
+        """
         zeros = torch.zeros(num_rows, capacity, dtype=torch.float64, device=device)
         return cls(
             prompt=prompt,
@@ -86,14 +128,17 @@ class Sequences:
     # ----------------------------------------------------------------- shape
     @property
     def num_rows(self) -> int:
+        """``C``, the number of rows (chains) in the batch."""
         return self.tokens.shape[0]
 
     @property
     def capacity(self) -> int:
+        """``T``, the padded width of ``tokens`` (the most completion tokens a row can hold)."""
         return self.tokens.shape[1]
 
     @property
     def device(self) -> torch.device:
+        """The device of the batch's tensors."""
         return self.tokens.device
 
     def positions(self) -> torch.Tensor:

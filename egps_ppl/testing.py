@@ -50,12 +50,46 @@ class InvarianceReport:
     num_states: int
 
     def passed(self, min_p_value: float = 1e-4, tv_factor: float = 3.0, min_moved: float = 0.01) -> bool:
+        """Whether π looks preserved and the chains moved.
+
+        Parameters
+        ----------
+        min_p_value : float
+            Smallest acceptable chi-square p-value.
+        tv_factor : float
+            Largest acceptable ratio of ``tv`` to ``tv_noise``.
+        min_moved : float
+            Smallest acceptable fraction of chains that changed (NaN ``moved`` fails).
+
+        Returns
+        -------
+        bool
+        """
         return self.p_value >= min_p_value and self.tv <= tv_factor * self.tv_noise and self.moved >= min_moved
 
 
 def exact_chains(target: PowerDistribution, num_chains: int, generator: torch.Generator) -> Sequences:
     """``num_chains`` sequences drawn exactly from π (Markov models only), with statistics under the
-    target's default policy."""
+    target's default policy.
+
+    Parameters
+    ----------
+    target : PowerDistribution
+        A target over a :class:`~egps_ppl.models.markov.MarkovLM` (its ``log_factor`` is ignored).
+    num_chains : int
+        Number of i.i.d. draws.
+    generator : torch.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    Sequences
+
+    Raises
+    ------
+    TypeError
+        If the target's model is not a ``MarkovLM``.
+    """
     exact = _exact(target)
     tokens, length = exact.sample(num_chains, generator)
     seqs = target.empty(num_chains)
@@ -65,7 +99,21 @@ def exact_chains(target: PowerDistribution, num_chains: int, generator: torch.Ge
 
 
 def distance_to_target(target: PowerDistribution, seqs: Sequences, moved: float = float("nan")) -> InvarianceReport:
-    """Compare the empirical distribution of ``seqs`` with the exact π of ``target``."""
+    """Compare the empirical distribution of ``seqs`` with the exact π of ``target``.
+
+    Parameters
+    ----------
+    target : PowerDistribution
+        A target over a :class:`~egps_ppl.models.markov.MarkovLM`.
+    seqs : Sequences
+        The chains' current states.
+    moved : float
+        Fraction of chains that changed, copied into the report.
+
+    Returns
+    -------
+    InvarianceReport
+    """
     support, log_pi = _exact(target).enumerate()
     index = {s: k for k, s in enumerate(support)}
     counts = torch.zeros(len(support), dtype=torch.float64)
@@ -95,7 +143,32 @@ def check_invariance(
     seed: int = 0,
     prompt: Sequence[int] = (),
 ) -> InvarianceReport:
-    """Draw ``num_chains`` chains exactly from π, apply ``steps`` kernel steps, and compare with π."""
+    """Draw ``num_chains`` chains exactly from π, apply ``steps`` kernel steps, and compare with π.
+
+    Parameters
+    ----------
+    kernel_factory : callable
+        ``target -> Kernel``, e.g. a kernel class or ``lambda t: MetropolisHastings(t, selector=...)``.
+    model : MarkovLM
+        An enumerable Markov model (keep ``V`` and ``max_new_tokens`` small: the support is enumerated).
+    alpha : float
+        The power α.
+    max_new_tokens : int
+        Maximum completion length ``T``.
+    num_chains : int
+        Chains drawn exactly from π; more chains detect smaller biases.
+    steps : int
+        Kernel steps applied before the comparison.
+    seed : int
+        Seed of the generator used for the draws and the kernel.
+    prompt : sequence of int
+        Prompt token ids.
+
+    Returns
+    -------
+    InvarianceReport
+        Distance to π after the steps; see :meth:`InvarianceReport.passed`.
+    """
     target = PowerDistribution(model, list(prompt), alpha, max_new_tokens)
     kernel = kernel_factory(target)
     generator = torch.Generator().manual_seed(seed)
@@ -122,7 +195,35 @@ def assert_invariant(
 ) -> InvarianceReport:
     """:func:`check_invariance`, raising ``AssertionError`` with the report if π is not preserved
     (chi-square p-value below ``min_p_value``, TV above ``tv_factor`` times the sampling noise) or if the chains
-    barely move (fewer than ``min_moved`` of them changed: a kernel that never moves is trivially invariant)."""
+    barely move (fewer than ``min_moved`` of them changed: a kernel that never moves is trivially invariant).
+
+    Parameters
+    ----------
+    kernel_factory, model, alpha, max_new_tokens, num_chains, steps, seed, prompt
+        As in :func:`check_invariance`.
+    min_p_value, tv_factor, min_moved
+        Thresholds of :meth:`InvarianceReport.passed`.
+
+    Returns
+    -------
+    InvarianceReport
+        The report of a kernel that passed.
+
+    Raises
+    ------
+    AssertionError
+        If the kernel fails, with the report in the message.
+
+    Examples
+    --------
+    >>> from egps_ppl.kernels import MetropolisHastings, WindowProposal
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> def window_mh(target):
+    ...     return MetropolisHastings(target, proposal=WindowProposal(target.default_policy(), widths=[1, 2]))
+    >>> assert_invariant(window_mh, random_markov(3, seed=2), alpha=3.0, max_new_tokens=4,
+    ...                  num_chains=20_000).passed()
+    True
+    """
     report = check_invariance(kernel_factory, model, alpha, max_new_tokens, num_chains, steps, seed, prompt)
     if not report.passed(min_p_value, tv_factor, min_moved):
         raise AssertionError(f"kernel does not leave π invariant (or does not move): {report}")

@@ -28,7 +28,15 @@ Hook = Callable[[str, int, Sequences, StepInfo], None]
 
 @dataclass(frozen=True)
 class BlockSchedule:
-    """Grow ``block_size`` tokens, then ``steps_per_block`` kernel steps, until ``max_new_tokens``."""
+    """Grow ``block_size`` tokens, then ``steps_per_block`` kernel steps, until ``max_new_tokens``.
+
+    Parameters
+    ----------
+    block_size : int
+        ``B``, tokens grown per block (Karan & Du use 192).
+    steps_per_block : int
+        ``N``, kernel steps after each block (``>= 0``).
+    """
 
     block_size: int = 192
     steps_per_block: int = 10
@@ -89,6 +97,17 @@ class EntropyAdaptiveSchedule(BlockSchedule):
     deterministic block: nothing there for p^α to reweight), else ``ceil(moves_per_nat * M)`` capped at
     ``max_steps``. Only *when* kernels run changes; every kernel still leaves its intermediate target
     invariant, and the final sampling phase at full length is untouched, so the chain's limit is still π.
+
+    Parameters
+    ----------
+    block_size, steps_per_block
+        As in :class:`BlockSchedule` (``steps_per_block`` is unused: the entropy mass decides).
+    epsilon : float
+        Entropy mass (nats) below which a block gets no steps.
+    moves_per_nat : float
+        Steps per nat of entropy mass.
+    max_steps : int
+        Cap on the steps of one block.
     """
 
     epsilon: float = 0.05
@@ -105,7 +124,35 @@ class EntropyAdaptiveSchedule(BlockSchedule):
 
 def make_schedule(block_size: int | None, steps_per_block: int, adaptive: bool = False) -> BlockSchedule | None:
     """The growth schedule for command-line style options: none without ``block_size``; the adaptive one
-    may spend up to 4x ``steps_per_block`` on a block with high entropy mass."""
+    may spend up to 4x ``steps_per_block`` on a block with high entropy mass.
+
+    Parameters
+    ----------
+    block_size : int or None
+        ``--block-size``; ``None`` for no schedule.
+    steps_per_block : int
+        ``--steps-per-block``.
+    adaptive : bool
+        ``--adaptive``: an :class:`EntropyAdaptiveSchedule` instead of a :class:`BlockSchedule`.
+
+    Returns
+    -------
+    BlockSchedule or None
+
+    Raises
+    ------
+    EGPSError
+        If ``adaptive`` is set without a ``block_size``.
+
+    Examples
+    --------
+    >>> make_schedule(192, 10)
+    BlockSchedule(block_size=192, steps_per_block=10)
+    >>> make_schedule(192, 10, adaptive=True).max_steps
+    40
+    >>> make_schedule(None, 10) is None
+    True
+    """
     if block_size is None:
         if adaptive:
             raise EGPSError("the adaptive schedule needs a block size (--block-size)")

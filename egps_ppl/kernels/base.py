@@ -39,6 +39,23 @@ class StepInfo:
 
     @classmethod
     def from_cost(cls, accepted: torch.Tensor, accept_prob: torch.Tensor, cut: torch.Tensor, cost: Cost) -> StepInfo:
+        """An info record whose token counters and forward calls come from a backend :class:`Cost`.
+
+        Parameters
+        ----------
+        accepted : torch.Tensor
+            ``bool[C]``, whether each chain moved.
+        accept_prob : torch.Tensor
+            ``float64[C]``, the acceptance probabilities.
+        cut : torch.Tensor
+            ``long[C]``, the chosen sites (-1: no proposal).
+        cost : Cost
+            Everything the step spent.
+
+        Returns
+        -------
+        StepInfo
+        """
         return cls(accepted, accept_prob, cut, cost.decode_tokens, cost.scored_tokens, cost.forward_calls)
 
     @classmethod
@@ -55,6 +72,7 @@ class StepInfo:
 
     @property
     def cost(self) -> Cost:
+        """The step's token counters and forward calls as a :class:`Cost`."""
         return Cost(self.decode_tokens, self.scored_tokens, self.forward_calls)
 
 
@@ -62,6 +80,15 @@ class Kernel(ABC):
     """A Markov transition kernel that leaves ``target`` invariant: ``step(state, generator) -> (state, info)``.
 
     Kernels are pure functions of the state and the random generator: all chains advance in one batched call.
+    Subclasses set ``target`` and ``name`` and implement :meth:`step`; prove a new kernel correct with
+    :func:`egps_ppl.testing.assert_invariant`.
+
+    Attributes
+    ----------
+    target : PowerDistribution
+        The distribution the kernel leaves invariant.
+    name : str
+        Short name, used in progress bars, run attributes and combinator names.
     """
 
     target: PowerDistribution
@@ -69,7 +96,20 @@ class Kernel(ABC):
 
     @abstractmethod
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
-        """Advance every chain by one transition."""
+        """Advance every chain by one transition.
+
+        Parameters
+        ----------
+        state : Sequences
+            The current chains (all rows advance together).
+        generator : torch.Generator, optional
+            Source of randomness; the same generator state gives the same step.
+
+        Returns
+        -------
+        (Sequences, StepInfo)
+            The new chains and what the step did per chain.
+        """
 
     def prepare(self, state: Sequences) -> tuple[Sequences, Cost]:
         """Bring a state into the form this kernel's ratios assume (e.g. ``logq`` under its policy)."""
@@ -86,6 +126,26 @@ def metropolis_accept(
 
     A NaN ratio (both states impossible) is a rejection; a chain stuck at an impossible state
     (``current_lp = -inf``) accepts any possible proposal, so a bad start can still recover.
+
+    Parameters
+    ----------
+    log_ratio : torch.Tensor
+        ``float64[C]``, the log acceptance ratios.
+    current_lp : torch.Tensor
+        ``float64[C]``, ``log π`` of the current states.
+    generator : torch.Generator or None
+        Source of the uniform draws (on the CPU, so results do not depend on the device).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``bool[C]`` accepted, and ``float64[C]`` acceptance probabilities.
+
+    Examples
+    --------
+    >>> accepted, prob = metropolis_accept(torch.tensor([0.0, -torch.inf]), torch.zeros(2), None)
+    >>> accepted.tolist(), prob.tolist()
+    ([True, False], [1.0, 0.0])
     """
     stuck = torch.isneginf(current_lp)
     log_ratio = torch.where(stuck & ~torch.isnan(log_ratio), torch.full_like(log_ratio, torch.inf), log_ratio)

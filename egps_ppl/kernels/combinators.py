@@ -16,6 +16,16 @@ class Cycle(Kernel):
 
     The info record sums the costs; ``accepted`` says whether any part moved the chain, ``accept_prob`` is the
     mean of the parts' acceptance probabilities, and ``cut`` is the last part's cut.
+
+    Parameters
+    ----------
+    kernels : sequence of Kernel
+        Applied in order; all must share the first kernel's target.
+
+    Raises
+    ------
+    EGPSError
+        If ``kernels`` is empty.
     """
 
     def __init__(self, kernels: Sequence[Kernel]) -> None:
@@ -37,6 +47,27 @@ class Mixture(Kernel):
     """Each chain independently picks kernel ``j`` with probability ``weights[j]`` at every step.
 
     Chains that picked the same kernel are advanced together in one batched call.
+
+    Parameters
+    ----------
+    kernels : sequence of Kernel
+        The components; all must share the first kernel's target.
+    weights : sequence of float, optional
+        Non-negative, not all zero (normalised here); uniform by default.
+
+    Raises
+    ------
+    EGPSError
+        If ``kernels`` is empty or the weights are invalid.
+
+    Examples
+    --------
+    >>> from egps_ppl.kernels import MetropolisHastings, MultipleTryMetropolis
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=5)
+    >>> Mixture([MetropolisHastings(target), MultipleTryMetropolis(target)], [0.7, 0.3]).name
+    'mixture(mh[uniform]:0.7,mtm[uniform,k=4]:0.3)'
     """
 
     def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float] | None = None) -> None:

@@ -29,8 +29,42 @@ class MultipleTryMetropolis(Kernel):
     With one try both reduce exactly to Metropolis–Hastings.
 
     With ``local_width = W`` the tries resample only ``W`` tokens from the cut and keep the tail (rescored in
-    one batched pass), so a try costs ``W`` decode steps instead of ``n - i``: see :meth:`_keep_tails` for the
-    class of sequences this move stays in.
+    one batched pass), so a try costs ``W`` decode steps instead of ``n - i``. The move then stays in the class of
+    sequences that share x's prefix and its tail past the window; tries outside it get weight 0.
+
+    Parameters
+    ----------
+    target : PowerDistribution
+        The power distribution to leave invariant.
+    num_tries : int
+        ``k >= 1`` tries per step, drawn in one batch.
+    selector : SiteSelector, optional
+        Where to cut (default :class:`~egps_ppl.kernels.sites.UniformSite`).
+    policy : PowerPolicy, optional
+        Token policy of the tries (default the target's q ∝ p^α; ``egps`` uses ``PowerPolicy(1.0)``).
+    weights : {"importance", "balanced"}
+        MTM weight function.
+    local_width : int, optional
+        Resample only this many tokens per try and keep the tail.
+    name : str, optional
+        Display name.
+
+    Raises
+    ------
+    EGPSError
+        For ``num_tries < 1``, an unknown ``weights`` or ``local_width < 1``.
+
+    Examples
+    --------
+    >>> from egps_ppl.kernels.sites import EntropyJumpSite
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=6)
+    >>> kernel = MultipleTryMetropolis(target, num_tries=8, selector=EntropyJumpSite(floor=1e-3), local_width=2)
+    >>> state, _ = target.sample_proposal(5, torch.Generator().manual_seed(0))
+    >>> new_state, info = kernel.step(state, torch.Generator().manual_seed(1))
+    >>> bool(((info.accept_prob >= 0) & (info.accept_prob <= 1)).all())
+    True
     """
 
     def __init__(

@@ -64,12 +64,56 @@ PRESETS: dict[str, tuple[PresetFactory, str]] = {
 
 
 def register_preset(name: str, factory: PresetFactory, description: str) -> None:
-    """Make ``name`` usable in ``--kernel`` (and inside ``cycle(...)``/``mixture(...)``)."""
+    """Make ``name`` usable in kernel specs (and inside ``cycle(...)``/``mixture(...)``) in this process.
+
+    Parameters
+    ----------
+    name : str
+        The spec name; an existing preset of that name is replaced.
+    factory : callable
+        ``(target, policy) -> Kernel``; ``policy`` is the proposal policy of the run (``--top-k``/``--top-p``).
+    description : str
+        One line for listings.
+    """
     PRESETS[name] = (factory, description)
 
 
 def build_kernel(spec: str, target: PowerDistribution, policy: PowerPolicy | None = None) -> Kernel:
-    """Build a kernel from a spec such as ``"mh"`` or ``"mixture(mh:0.7,cycle(mh,mh):0.3)"``."""
+    """Build a kernel from a spec such as ``"mh"`` or ``"mixture(mh:0.7,cycle(mh,mh):0.3)"``.
+
+    Parameters
+    ----------
+    spec : str
+        A preset name (``mh``, ``entropy-mh``, ``entropy-cut-mh``, ``mtm``, ``egps`` or one added with
+        :func:`register_preset`), ``cycle(K1,K2,...)`` or ``mixture(K1:w1,K2:w2,...)`` (a missing weight is 1),
+        nested freely. Spaces are ignored.
+    target : PowerDistribution
+        The target every part leaves invariant.
+    policy : PowerPolicy, optional
+        The proposal policy (default the target's q ∝ p^α); ``egps`` keeps its truncation but samples at
+        temperature 1.
+
+    Returns
+    -------
+    Kernel
+
+    Raises
+    ------
+    EGPSError
+        For an unknown name, unbalanced parentheses, an empty list or a weight that is not a number.
+
+    Examples
+    --------
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=5)
+    >>> build_kernel("egps", target).name
+    'egps'
+    >>> build_kernel("mixture(mh:0.7, cycle(entropy-mh,egps):0.3)", target).name
+    'mixture(mh:0.7,cycle(entropy-mh,egps):0.3)'
+    >>> sorted(PRESETS)
+    ['egps', 'entropy-cut-mh', 'entropy-mh', 'mh', 'mtm']
+    """
     policy = policy or target.default_policy()
     spec = spec.replace(" ", "")
     if not spec:

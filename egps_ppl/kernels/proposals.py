@@ -21,7 +21,19 @@ from egps_ppl.target import PowerDistribution
 
 @dataclass
 class Proposed:
-    """A proposal for each chain: ``seqs`` with ``log q(x' | x)`` and ``log q(x | x')``."""
+    """A proposal for each chain: ``seqs`` with ``log q(x' | x)`` and ``log q(x | x')``.
+
+    Attributes
+    ----------
+    seqs : Sequences
+        The proposed sequences, scored.
+    log_q_forward : torch.Tensor
+        ``float64[C]``, ``log q(x' | x)``.
+    log_q_reverse : torch.Tensor
+        ``float64[C]``, ``log q(x | x')``.
+    cost : Cost
+        What the proposal spent.
+    """
 
     seqs: Sequences
     log_q_forward: torch.Tensor
@@ -36,7 +48,26 @@ class Proposal(Protocol):
 
     def propose(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
-    ) -> Proposed: ...
+    ) -> Proposed:
+        """Propose a new sequence for every chain from its cut.
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (its backend does the sampling and scoring).
+        state : Sequences
+            The current chains, with statistics under ``self.policy``.
+        cut : torch.Tensor
+            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
+        generator : torch.Generator or None
+            Source of randomness.
+
+        Returns
+        -------
+        Proposed
+            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
+        """
+        ...
 
 
 class SuffixProposal:
@@ -44,6 +75,11 @@ class SuffixProposal:
 
     ``log q(x' | x) = Σ_{t ≥ i} log q(x'_t | x'_<t)`` and the reverse is the same sum over the current suffix,
     which the state already holds.
+
+    Parameters
+    ----------
+    policy : PowerPolicy
+        The token policy to resample with (the target's q ∝ p^α in the ``mh`` preset).
     """
 
     name = "suffix"
@@ -54,6 +90,24 @@ class SuffixProposal:
     def propose(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
     ) -> Proposed:
+        """Propose a new sequence for every chain from its cut.
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (its backend does the sampling and scoring).
+        state : Sequences
+            The current chains, with statistics under ``self.policy``.
+        cut : torch.Tensor
+            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
+        generator : torch.Generator or None
+            Source of randomness.
+
+        Returns
+        -------
+        Proposed
+            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
+        """
         start = cut.clamp(min=0)
         # Rows without a site keep their whole sequence: extend from their length samples nothing new
         # only if they are complete, so keep them unchanged by starting at their length and stopping there.
@@ -80,6 +134,20 @@ class WindowProposal:
     first ``min(W, n - i)`` tokens of ``x`` from ``i`` when ``x'`` has a tail, else of its whole suffix. ``W``
     is drawn per move from ``widths`` (with ``weights``) independently of the state, so the width needs no
     correction term. A tail that the new window makes impossible gets log p = -inf and is rejected.
+
+    Parameters
+    ----------
+    policy : PowerPolicy
+        The token policy the window is resampled with.
+    widths : int or sequence of int
+        Window width ``W``, or several to choose from per move.
+    weights : sequence of float, optional
+        Probabilities of ``widths`` (uniform by default).
+
+    Raises
+    ------
+    EGPSError
+        For widths below 1, or weights that are negative, all zero or not one per width.
     """
 
     name = "window"
@@ -99,6 +167,24 @@ class WindowProposal:
     def propose(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
     ) -> Proposed:
+        """Propose a new sequence for every chain from its cut.
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (its backend does the sampling and scoring).
+        state : Sequences
+            The current chains, with statistics under ``self.policy``.
+        cut : torch.Tensor
+            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
+        generator : torch.Generator or None
+            Source of randomness.
+
+        Returns
+        -------
+        Proposed
+            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
+        """
         lm = target.lm
         pick = torch.multinomial(self.weights, state.num_rows, replacement=True, generator=generator)
         width = self.widths[pick].to(state.device)

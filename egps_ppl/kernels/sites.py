@@ -22,7 +22,20 @@ class SiteSelector(Protocol):
 
     name: str
 
-    def log_probs(self, seqs: Sequences) -> torch.Tensor: ...
+    def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        """Log-probability of cutting each row at each position.
+
+        Parameters
+        ----------
+        seqs : Sequences
+            The chains (their ``entropy`` and ``length`` are read).
+
+        Returns
+        -------
+        torch.Tensor
+            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
+        """
+        ...
 
 
 class UniformSite:
@@ -31,6 +44,18 @@ class UniformSite:
     name = "uniform"
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        """Log-probability of cutting each row at each position.
+
+        Parameters
+        ----------
+        seqs : Sequences
+            The chains (their ``entropy`` and ``length`` are read).
+
+        Returns
+        -------
+        torch.Tensor
+            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
+        """
         n = seqs.length.to(torch.float64).unsqueeze(1)
         return torch.where(seqs.valid_mask(), -n.log(), torch.full_like(n, -torch.inf))
 
@@ -39,7 +64,20 @@ class UniformSite:
 
 
 def sample_sites(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One site per row from ``exp(log_probs[C, T])``; -1 for rows with no allowed site."""
+    """One site per row from ``exp(log_probs[C, T])``; -1 for rows with no allowed site.
+
+    Parameters
+    ----------
+    log_probs : torch.Tensor
+        ``float64[C, T]`` from a selector's ``log_probs``.
+    generator : torch.Generator or None
+        Source of randomness.
+
+    Returns
+    -------
+    torch.Tensor
+        ``long[C]``.
+    """
     allowed = torch.isfinite(log_probs).any(1)
     top = torch.where(allowed, log_probs.max(1).values, torch.zeros_like(log_probs[:, 0]))
     weights = (log_probs - top.unsqueeze(1)).exp()  # exp(-inf) = 0 for disallowed sites
@@ -70,6 +108,15 @@ class EntropySite:
     With ``threshold`` set, positions with ``H_i < threshold`` get only the ``floor`` weight. The floor keeps
     every position reachable (so the chain stays irreducible); ``floor = 0`` with a threshold gives the pure
     "decision point" rule, uniform over all positions when no position passes the threshold.
+
+    Parameters
+    ----------
+    beta : float
+        Power of the entropy (``entropy-mh`` uses 1).
+    floor : float
+        Constant weight added at every position.
+    threshold : float, optional
+        Positions with entropy below it get only the floor.
     """
 
     def __init__(self, beta: float = 1.0, floor: float = 1e-3, threshold: float | None = None) -> None:
@@ -77,6 +124,18 @@ class EntropySite:
         self.name = "entropy" if threshold is None else "decision"
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        """Log-probability of cutting each row at each position.
+
+        Parameters
+        ----------
+        seqs : Sequences
+            The chains (their ``entropy`` and ``length`` are read).
+
+        Returns
+        -------
+        torch.Tensor
+            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
+        """
         weight = seqs.entropy.clamp(min=0) ** self.beta
         if self.threshold is not None:
             weight = torch.where(seqs.entropy >= self.threshold, weight, torch.zeros_like(weight))
@@ -88,7 +147,15 @@ class EntropySite:
 
 class EntropyJumpSite:
     """Entropy-Cut MH (Zhou, Mehrotra & Liu): ``P(i) ∝ max(0, H_i - H_{i-1})^beta`` with ``H_{-1} = 0``;
-    uniform when every jump is 0. ``floor`` adds a constant weight to keep all positions reachable."""
+    uniform when every jump is 0. ``floor`` adds a constant weight to keep all positions reachable.
+
+    Parameters
+    ----------
+    beta : float
+        Power of the entropy jump (4 in ``entropy-cut-mh`` and ``egps``).
+    floor : float
+        Constant weight added at every position (``egps`` uses 1e-3).
+    """
 
     name = "entropy-jump"
 
@@ -96,6 +163,18 @@ class EntropyJumpSite:
         self.beta, self.floor = float(beta), float(floor)
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        """Log-probability of cutting each row at each position.
+
+        Parameters
+        ----------
+        seqs : Sequences
+            The chains (their ``entropy`` and ``length`` are read).
+
+        Returns
+        -------
+        torch.Tensor
+            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
+        """
         previous = torch.nn.functional.pad(seqs.entropy[:, :-1], (1, 0))
         jump = (seqs.entropy - previous).clamp(min=0) ** self.beta
         return _normalised(jump + self.floor, seqs.valid_mask())

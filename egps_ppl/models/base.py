@@ -26,7 +26,17 @@ from egps_ppl.state import PAD, Sequences
 
 @dataclass
 class Cost:
-    """Compute spent by one backend call (or a sum of them)."""
+    """Compute spent by one backend call (or a sum of them); ``+`` adds two costs.
+
+    Attributes
+    ----------
+    decode_tokens : torch.Tensor
+        ``long[C]``, tokens sampled one after another (sequential decode steps) per row.
+    scored_tokens : torch.Tensor
+        ``long[C]``, tokens run through the model in parallel (teacher forcing) per row.
+    forward_calls : int
+        Batched forward calls (shared by all rows).
+    """
 
     decode_tokens: torch.Tensor  # LongTensor[C]: tokens sampled one after another
     scored_tokens: torch.Tensor  # LongTensor[C]: tokens run through the model in parallel (teacher forcing)
@@ -34,6 +44,7 @@ class Cost:
 
     @classmethod
     def zero(cls, num_rows: int, device: torch.device | str = "cpu") -> Cost:
+        """No compute for ``num_rows`` rows."""
         z = torch.zeros(num_rows, dtype=torch.long, device=device)
         return cls(z, z.clone(), 0)
 
@@ -47,7 +58,19 @@ class Cost:
 
 @dataclass
 class NextToken:
-    """Statistics of the next-token distributions at a batch of histories."""
+    """Statistics of the next-token distributions at a batch of histories.
+
+    Attributes
+    ----------
+    logp : torch.Tensor
+        ``[..., V]`` base log-probabilities (float32 or float64).
+    logq : torch.Tensor
+        ``[..., V]`` policy log-probabilities (``-inf`` outside a truncated policy's kept set).
+    entropy : torch.Tensor
+        ``[...]`` Shannon entropy of p, in nats.
+    logz : torch.Tensor
+        ``[...]`` ``log Σ_kept p^alpha``.
+    """
 
     logp: torch.Tensor  # [..., V] base log-probabilities (float32 or float64)
     logq: torch.Tensor  # [..., V] policy log-probabilities
@@ -58,7 +81,27 @@ class NextToken:
 def next_token_stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
     """Turn raw logits into :class:`NextToken` statistics, in at least float32.
 
-    Raises :class:`NumericalError` on NaN or +inf logits, or a row with no finite logit.
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[..., V]`` raw logits in any float dtype (bf16/fp16 are upcast to float32).
+    policy : PowerPolicy
+        The token policy for ``logq`` and ``logz``.
+
+    Returns
+    -------
+    NextToken
+
+    Raises
+    ------
+    NumericalError
+        On NaN or +inf logits, or a row with no finite logit.
+
+    Examples
+    --------
+    >>> stats = next_token_stats(torch.log(torch.tensor([[0.5, 0.5, 0.0]])), PowerPolicy(2.0))
+    >>> stats.logq.exp().tolist(), round(stats.entropy.item(), 4)
+    ([[0.5, 0.5, 0.0]], 0.6931)
     """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
@@ -124,9 +167,11 @@ class LanguageModel(ABC):
 
     # ------------------------------------------------------------ text (optional)
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (backends without a tokenizer raise :class:`~egps_ppl.errors.EGPSError`)."""
         raise EGPSError(f"model {self.name!r} has no tokenizer; pass token ids instead of text")
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (backends without a tokenizer join the ids with spaces)."""
         return " ".join(str(i) for i in ids)
 
     # ------------------------------------------------------------ batches
@@ -137,7 +182,29 @@ class LanguageModel(ABC):
         capacity: int,
         policy: PowerPolicy,
     ) -> Sequences:
-        """Empty completions of ``prompt`` (validated against the vocabulary and the context window)."""
+        """Empty completions of ``prompt`` (validated against the vocabulary and the context window).
+
+        Parameters
+        ----------
+        prompt : sequence of int or torch.Tensor
+            Prompt token ids.
+        num_rows : int
+            Rows (chains) of the batch.
+        capacity : int
+            ``max_new_tokens``.
+        policy : PowerPolicy
+            Token policy of the batch.
+
+        Returns
+        -------
+        Sequences
+
+        Raises
+        ------
+        EGPSError
+            For ids outside the vocabulary, an empty prompt where the model needs one, or a prompt plus
+            ``capacity`` longer than the context window.
+        """
         check_positive_int("num_rows", num_rows)
         check_positive_int("max_new_tokens", capacity)
         ids = as_prompt(prompt, self.vocab_size)
@@ -161,7 +228,28 @@ class LanguageModel(ABC):
         capacity: int,
         policy: PowerPolicy,
     ) -> tuple[Sequences, Cost]:
-        """Score given completions (e.g. ``--init`` lines) into a batch with statistics."""
+        """Score given completions (e.g. ``--init`` lines) into a batch with statistics.
+
+        Parameters
+        ----------
+        prompt : sequence of int or torch.Tensor
+            Prompt token ids.
+        completions : sequence of sequences of int
+            One list of completion ids per row.
+        capacity : int
+            ``max_new_tokens``.
+        policy : PowerPolicy
+            Token policy for ``logq``/``logz``.
+
+        Returns
+        -------
+        (Sequences, Cost)
+
+        Raises
+        ------
+        EGPSError
+            For an empty or too long completion, unknown ids, or EOS before the last token.
+        """
         seqs = self.start(prompt, len(completions), capacity, policy)
         tokens = seqs.tokens.clone()
         for row, ids in enumerate(completions):

@@ -71,14 +71,17 @@ class KVPool:
 
     @property
     def num_rows(self) -> int:
+        """Rows (chains) of the pool."""
         return self.slot_pos.shape[0]
 
     @property
     def num_slots(self) -> int:
+        """Slots per row (valid or not)."""
         return self.slot_pos.shape[1]
 
     @property
     def device(self) -> torch.device:
+        """The device of the pool's tensors."""
         return self.slot_pos.device
 
     def valid(self) -> torch.Tensor:

@@ -31,6 +31,31 @@ class MarkovLM(LanguageModel):
         ``[V, V]`` row-stochastic matrix.
     eos_token_id:
         The end-of-sequence token.
+    name:
+        Display name.
+
+    Raises
+    ------
+    ModelFileError
+        If ``initial`` or ``transition`` are not probability vectors/rows (within 1e-6), have the wrong shape, or
+        ``eos_token_id`` is not a token.
+
+    Examples
+    --------
+    >>> lm = MarkovLM([0.5, 0.5, 0.0], [[1.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.25, 0.25]], eos_token_id=0)
+    >>> from egps_ppl.target import PowerDistribution
+    >>> target = PowerDistribution(lm, prompt=[], alpha=2.0, max_new_tokens=3)
+    >>> seqs, _ = target.from_completions([[1, 2, 0], [1, 0]])
+    >>> [round(p, 6) for p in seqs.log_p().exp().tolist()]
+    [0.125, 0.25]
+
+    The exact power distribution of the same model, by dynamic programming:
+
+    >>> from egps_ppl.models.exact import ExactPower
+    >>> exact = ExactPower(lm, alpha=2.0, max_new_tokens=3)
+    >>> support, log_pi = exact.enumerate()
+    >>> len(support), round(float(log_pi.exp().sum()), 6)
+    (5, 1.0)
     """
 
     def __init__(
@@ -84,6 +109,7 @@ class MarkovLM(LanguageModel):
             raise ModelFileError(f"{path}: {exc}") from None
 
     def to_json(self, path: str | Path) -> None:
+        """Write the model as ``{"initial": [V], "transition": [[V] x V], "eos": id}`` (see :meth:`from_json`)."""
         Path(path).write_text(
             json.dumps(
                 {"initial": self.initial.tolist(), "transition": self.transition.tolist(), "eos": self.eos_token_id}

@@ -17,6 +17,30 @@ class PowerPolicy:
     ``alpha = 1`` is plain sampling. With truncation, tokens outside the kept set get log q = -inf and
     ``logz`` is the truncated sum ``log Σ_{v kept} p(v|h)^alpha``, so ``α·log p(v) - log q(v) = logz`` still
     holds for every token the policy can propose.
+
+    Parameters
+    ----------
+    alpha : float
+        Inverse temperature, ``> 0``.
+    top_k : int, optional
+        Keep only the ``top_k`` most likely tokens.
+    top_p : float, optional
+        Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (in ``(0, 1]``).
+
+    Raises
+    ------
+    EGPSError
+        For ``alpha <= 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
+
+    Examples
+    --------
+    >>> logp = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    >>> logq, logz = PowerPolicy(2.0).apply(logp)
+    >>> [round(v, 3) for v in logq.exp().tolist()]
+    [0.783, 0.196, 0.022]
+    >>> logq, _ = PowerPolicy(1.0, top_k=2).apply(logp)
+    >>> [round(v, 3) for v in logq.exp().tolist()]
+    [0.667, 0.333, 0.0]
     """
 
     alpha: float = 1.0
@@ -32,6 +56,7 @@ class PowerPolicy:
 
     @property
     def truncated(self) -> bool:
+        """Whether top-k or top-p removes any token."""
         return self.top_k is not None or (self.top_p is not None and self.top_p < 1.0)
 
     def apply(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +83,7 @@ class PowerPolicy:
         return scaled
 
     def describe(self) -> str:
+        """A short description such as ``PowerPolicy(alpha=4, top_k=50)``."""
         parts = [f"alpha={self.alpha:g}"]
         if self.top_k is not None:
             parts.append(f"top_k={self.top_k}")
