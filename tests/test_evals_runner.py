@@ -146,6 +146,31 @@ def test_summary_mean_and_standard_error_by_hand():
     assert one_seed["expected_results"] == 3 and not one_seed["complete"]
 
 
+def test_pass_at_k_treats_the_seeds_of_a_problem_as_samples():
+    def rec(pid, seed, correct):
+        return {
+            "problem_id": pid, "seed": seed, "method": "m", "completion": "", "answer": None, "correct": correct,
+            "decode_tokens": 1, "scored_tokens": 1, "forward_calls": 1, "wall_s": 0.1,
+        }  # fmt: skip
+
+    # 4 seeds; problem a: 1 of 4 correct, b: 4 of 4, c: 0 of 4, d: 2 of 4.
+    outcomes = {"a": [1, 0, 0, 0], "b": [1, 1, 1, 1], "c": [0, 0, 0, 0], "d": [0, 1, 0, 1]}
+    records = [rec(pid, s, bool(ok)) for pid, row in outcomes.items() for s, ok in enumerate(row)]
+    s = summarize_results(records)
+    assert list(s["pass_at_k"]) == ["1", "2", "4"]
+    # By hand: pass@k = 1 - C(n-c, k) / C(n, k) with n = 4.
+    assert s["pass_at_k"]["1"] == pytest.approx((1 / 4 + 1 + 0 + 2 / 4) / 4) == pytest.approx(s["accuracy"])
+    assert s["pass_at_k"]["2"] == pytest.approx((1 / 2 + 1 + 0 + 5 / 6) / 4)
+    assert s["pass_at_k"]["4"] == pytest.approx((1 + 1 + 0 + 1) / 4)
+    # 3 seeds: k = 1, 2 and the number of seeds; an unfinished problem enters only the k it has samples for.
+    three = summarize_results([r for r in records if r["seed"] < 3 and (r["problem_id"], r["seed"]) != ("c", 2)])
+    assert list(three["pass_at_k"]) == ["1", "2", "3"]
+    assert three["pass_at_k"]["3"] == pytest.approx((1 + 1 + 1) / 3)  # a, b, d; c has only 2 results
+    assert three["pass_at_k"]["2"] == pytest.approx((2 / 3 + 1 + 0 + 2 / 3) / 4)
+    assert summarize_results(records[:1])["pass_at_k"] == {"1": 1.0}
+    assert summarize_results([])["pass_at_k"] == {}
+
+
 def test_existing_results_need_resume(tmp_path, lm):
     _run(tmp_path / "run", lm, limit=2)
     with pytest.raises(EGPSError, match="--resume"):
@@ -198,7 +223,9 @@ def test_report_puts_runs_side_by_side(tmp_path, lm, capsys):
     text = md.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 3 and rows[1].startswith("| plain") and rows[2].startswith("| mh α=4")
-    assert "first-token" in rows[1] and "accuracy ± SE" in rows[0]
+    assert "first-token" in rows[1] and "accuracy ± SE" in rows[0] and "| pass@k |" in rows[0]
+    pass_k = json.loads((tmp_path / "mh" / "summary.json").read_text())["pass_at_k"]
+    assert set(pass_k) == {"1", "2"} and f"@1 {pass_k['1']:.3f}, @2 {pass_k['2']:.3f}" in rows[2]
     assert md.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert main(["report", str(tmp_path / "plain"), str(tmp_path / "mh")]) == 0
@@ -223,7 +250,7 @@ def problems_file(tmp_path):
         (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
         (["--task", "jsonl:MISSING"], "no such file"),
         (["--task", "jsonl:BADCOLS"], "missing 'answer'"),
-        (["--ray"], "--ray is not built yet"),
+        (["--ray", "--ray-workers", "0"], "--ray-workers must be a number >= 1"),
         (["--limit", "-1"], "--limit"),
     ],
 )

@@ -171,6 +171,47 @@ def test_gpqa_bad_input(tmp_path: Path) -> None:
         load_task(f"gpqa:{bad}")
 
 
+def test_gpqa_from_the_hub_offline_says_to_pass_a_csv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for spec, config in (("gpqa-diamond:hub", "gpqa_diamond"), ("gpqa:hub", "gpqa_main")):
+        with pytest.raises(EGPSError) as info:
+            load_task(spec)
+        message = str(info.value)
+        assert "Idavidrein/gpqa" in message and config in message
+        assert "offline (HF_HUB_OFFLINE=1)" in message and "--task gpqa:PATH.csv" in message
+
+
+def test_gpqa_from_the_hub_downloads_the_official_csv(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("repo_type")))
+        return str(GPQA_CSV)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    task = load_task("gpqa-diamond:hub", seed=3)
+    assert calls == [("Idavidrein/gpqa", "gpqa_diamond.csv", "dataset")]
+    assert task.name == "gpqa-diamond:hub"  # not the cache path, so a run resumes on another machine
+    from_csv = load_task(f"gpqa:{GPQA_CSV}", seed=3)
+    assert [(p.id, p.prompt, p.answer) for p in task.problems()] == [
+        (p.id, p.prompt, p.answer) for p in from_csv.problems()
+    ]
+    assert load_task("gpqa:hub").name == "gpqa:hub" and calls[-1][1] == "gpqa_main.csv"
+
+    def gated(repo_id, filename, **kwargs):
+        exc = hub_errors.GatedRepoError.__new__(hub_errors.GatedRepoError)
+        Exception.__init__(exc, "403 gated")
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(EGPSError, match=r"gated.*HF_TOKEN.*--task gpqa:PATH\.csv"):
+        load_task("gpqa-diamond:hub")
+
+
 # -------------------------------------------------------------------------------------------------- JSONL
 
 

@@ -13,6 +13,7 @@ _LAZY = {
     "load_method": "egps_ppl.evals.methods",
     "evaluate": "egps_ppl.evals.runner",
     "evaluate_unit": "egps_ppl.evals.runner",
+    "evaluate_ray": "egps_ppl.evals.ray_runner",  # Ray itself is imported only when it runs
     "read_results": "egps_ppl.evals.runner",
     "summarize_results": "egps_ppl.evals.runner",
     "write_report": "egps_ppl.evals.report",
@@ -37,6 +38,7 @@ __all__ = [
     "available_methods",
     "available_tasks",
     "evaluate",
+    "evaluate_ray",
     "evaluate_unit",
     "extract_boxed",
     "extract_choice",

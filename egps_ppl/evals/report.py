@@ -27,6 +27,7 @@ COLUMNS = (
     "problems",
     "seeds",
     "accuracy ± SE",
+    "pass@k",
     "decode tok/problem",
     "scored tok/problem",
     "wall s/problem",
@@ -75,8 +76,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "–" if value is None else f"{float(value):,.{digits}f}"
 
 
+def _pass_at_k(summary: dict[str, Any]) -> str:
+    """``@1 0.625, @2 0.750, ...``: the run's pass@k (seeds as samples); "–" for summaries written before it."""
+    values = summary.get("pass_at_k") or {}
+    return ", ".join(f"@{k} {v:.3f}" for k, v in sorted(values.items(), key=lambda kv: int(kv[0]))) or "–"
+
+
 def render_table(summaries: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table with one row per run (see :data:`COLUMNS`)."""
+    """A Markdown table with one row per run (see :data:`COLUMNS`); pass@k treats a problem's seeds as samples."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for s in summaries:
         acc = s.get("accuracy")
@@ -91,6 +98,7 @@ def render_table(summaries: Sequence[dict[str, Any]]) -> str:
             str(s.get("n_problems", "?")),
             ",".join(str(x) for x in s.get("seeds", [])),
             accuracy,
+            _pass_at_k(s),
             _fmt(s.get("mean_decode_tokens")),
             _fmt(s.get("mean_scored_tokens")),
             _fmt(s.get("mean_wall_s"), 2),

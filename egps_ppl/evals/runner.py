@@ -17,7 +17,9 @@ Files in the run directory
 Seeds
 -----
 The generator of unit (problem, seed) is seeded with :func:`unit_seed` ``(seed, problem.id)``: the same seed gives
-the same completion whatever the order, the ``--limit`` or the worker that runs the unit (the Ray seam).
+the same completion whatever the order, the ``--limit`` or the worker that runs the unit: the Ray runner
+(:mod:`egps_ppl.evals.ray_runner`) computes the same records in other processes and writes them with the same code
+(:func:`plan_run`, :class:`ResultWriter`, :func:`finish_run`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from egps_ppl.errors import EGPSError
+from egps_ppl.evals.graders import pass_at_k
 from egps_ppl.evals.methods import Method
 from egps_ppl.evals.tasks import Problem, Task
 from egps_ppl.models.base import LanguageModel
@@ -50,6 +54,8 @@ __all__ = [
     "summarize_results",
     "unit_seed",
 ]
+# Also used by the Ray runner (egps_ppl.evals.ray_runner): RunPlan, plan_run, check_out_dir, ResultWriter,
+# finish_run.
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -122,7 +128,7 @@ def evaluate_unit(
         "unit_seed": useed,
         "method": method.name,
         "task": task.name,
-        "model": getattr(lm, "name", str(lm)),
+        "model": _model_name(lm),
         "completion": result.completion_text,
         "answer": grade.extracted,
         "reference": problem.answer,
@@ -258,24 +264,112 @@ def evaluate(
     -------
     dict
         The summary (also written to ``summary.json``).
+
+    See Also
+    --------
+    egps_ppl.evals.ray_runner.evaluate_ray : the same run sharded over Ray actors (same files, same records).
     """
-    seeds = _check_seeds(seeds)
+    plan = plan_run(
+        task, method, _model_name(lm), seeds, limit, out_dir, resume, max_new_tokens=max_new_tokens, config=config
+    )
+    started = time.perf_counter()
+    with ResultWriter(plan, method.name, progress) as writer:
+        for index, problem, seed in plan.todo:
+            writer.write(
+                evaluate_unit(task, method, lm, problem, seed, max_new_tokens=max_new_tokens, problem_index=index)
+            )
+    return finish_run(plan, task, method, started)
+
+
+# The steps of a run, shared by :func:`evaluate` and the Ray runner (which computes the units elsewhere).
+
+
+def _model_name(lm: Any) -> str:
+    return getattr(lm, "name", str(lm))
+
+
+@dataclass
+class RunPlan:
+    """What :func:`plan_run` decided: the run directory, its config and the units still to compute.
+
+    Attributes
+    ----------
+    out : Path
+        The run directory.
+    results_path : Path
+        ``out / results.jsonl``.
+    config : dict
+        What ``config.json`` holds.
+    problems : list of Problem
+        The selected problems (the first ``limit``).
+    seeds : list of int
+        The run seeds.
+    todo : list of (int, Problem, int)
+        ``(problem_index, problem, seed)`` of every selected unit not yet in ``results.jsonl``, in problem order.
+    finished : set of (str, int)
+        ``(problem_id, seed)`` of every unit already in ``results.jsonl`` (selected or not).
+    correct, counted : int
+        Correct and total finished units among the selected ones (the progress bar's running accuracy).
+    """
+
+    out: Path
+    results_path: Path
+    config: dict[str, Any]
+    problems: list[Problem]
+    seeds: list[int]
+    todo: list[tuple[int, Problem, int]]
+    finished: set[tuple[str, int]]
+    correct: int = 0
+    counted: int = 0
+
+
+def check_out_dir(out_dir: str | Path, resume: bool) -> Path:
+    """``out_dir`` as a Path after the checks that need no model: not a file, no results unless ``resume``.
+
+    Raises
+    ------
+    EGPSError
+        When ``out_dir`` is a file, or holds results and ``resume`` is false.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EGPSError(f"--out {out} is a file; pass a directory")
+    results_path = out / RESULTS_FILE
+    if not resume and results_path.exists() and results_path.stat().st_size > 0:
+        raise EGPSError(f"{results_path} already has results; pass --resume to continue that run, or another --out")
+    return out
+
+
+def plan_run(
+    task: Task,
+    method: Method,
+    model_name: str,
+    seeds: Sequence[int],
+    limit: int | None,
+    out_dir: str | Path,
+    resume: bool,
+    *,
+    max_new_tokens: int,
+    config: dict[str, Any] | None = None,
+) -> RunPlan:
+    """Check and create the run directory, write ``config.json`` and list the units left to compute.
+
+    With ``resume`` the settings are compared with the existing ``config.json`` and a truncated last line of
+    ``results.jsonl`` is removed (see :func:`read_results`).
+    """
+    seeds = _check_seeds(seeds)
+    out = check_out_dir(out_dir, resume)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     run_config = {
         "task": task.name,
-        "model": getattr(lm, "name", str(lm)),
+        "model": model_name,
         "method": method.config(),
         "max_new_tokens": int(max_new_tokens),
         "seeds": seeds,
         "limit": limit,
         **(config or {}),
     }
-    if not resume and results_path.exists() and results_path.stat().st_size > 0:
-        raise EGPSError(f"{results_path} already has results; pass --resume to continue that run, or another --out")
     if resume:
         _check_resume_config(out / CONFIG_FILE, run_config)
     done = read_results(results_path, repair=True) if resume else []
@@ -286,35 +380,68 @@ def evaluate(
     todo = [(i, p, s) for i, p in enumerate(problems) for s in seeds if (p.id, s) not in finished]
     selected = {(p.id, s) for p in problems for s in seeds}
     correct = sum(1 for r in done if (r["problem_id"], int(r["seed"])) in selected and r["correct"])
-    counted = len(finished & selected)
+    return RunPlan(out, results_path, run_config, problems, seeds, todo, finished, correct, len(finished & selected))
 
-    started = time.perf_counter()
-    bar = _progress_bar(len(todo), method.name, progress)
-    with results_path.open("a", encoding="utf-8") as fh:
-        for index, problem, seed in todo:
-            record = evaluate_unit(task, method, lm, problem, seed, max_new_tokens=max_new_tokens, problem_index=index)
-            _append(fh, record)
-            counted += 1
-            correct += bool(record["correct"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(acc=f"{correct / counted:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
 
-    records = read_results(results_path)
-    summary = summarize_results(records, problems=[p.id for p in problems], seeds=seeds)
+class ResultWriter:
+    """Appends result records to a run's ``results.jsonl`` (one fsync'ed line each) and drives the progress bar.
+
+    A record whose (problem, seed) is already in the file is not written again (:meth:`write` returns False), so
+    a unit delivered twice (a retried Ray unit) cannot make a duplicate line. Use as a context manager.
+    """
+
+    def __init__(self, plan: RunPlan, desc: str, progress: bool) -> None:
+        self.plan = plan
+        self.written: set[tuple[str, int]] = set(plan.finished)
+        self._fh = plan.results_path.open("a", encoding="utf-8")
+        self._bar = _progress_bar(len(plan.todo), desc, progress)
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append ``record`` unless its unit is already in the file; returns whether it was written."""
+        key = (record["problem_id"], int(record["seed"]))
+        if key in self.written:
+            return False
+        _append(self._fh, record)
+        self.written.add(key)
+        self.plan.counted += 1
+        self.plan.correct += bool(record["correct"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(acc=f"{self.plan.correct / self.plan.counted:.3f}", refresh=False)
+        return True
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._fh.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def finish_run(plan: RunPlan, task: Task, method: Method, started: float, **extra: Any) -> dict[str, Any]:
+    """Summarise the selected units from ``results.jsonl``; write ``summary.json`` and the plot.
+
+    ``started`` is the ``time.perf_counter()`` at the start of the computation; ``extra`` goes into the summary.
+    """
+    records = read_results(plan.results_path)
+    summary = summarize_results(records, problems=[p.id for p in plan.problems], seeds=plan.seeds)
     summary.update(
         task=task.name,
         method=method.name,
-        model=run_config["model"],
-        method_config=run_config["method"],
-        max_new_tokens=int(max_new_tokens),
+        model=plan.config["model"],
+        method_config=plan.config["method"],
+        max_new_tokens=plan.config["max_new_tokens"],
         run_wall_s=round(time.perf_counter() - started, 3),
-        computed_this_run=len(todo),
+        computed_this_run=len(plan.todo),
+        **extra,
     )
-    _write_json(out / SUMMARY_FILE, summary)
-    plot_accuracy_vs_compute([summary], out / PLOT_FILE)
+    _write_json(plan.out / SUMMARY_FILE, summary)
+    plot_accuracy_vs_compute([summary], plan.out / PLOT_FILE)
     return summary
 
 
@@ -357,6 +484,11 @@ def summarize_results(
     over ``sqrt(number of seeds)``; ``None`` with a single seed). ``accuracy_per_problem`` is the mean over seeds
     for each problem. Costs are means per (problem, seed) unit, i.e. per problem attempt.
 
+    ``pass_at_k`` maps ``k`` (as a string) to the mean over problems of the unbiased pass@k estimator
+    (:func:`~egps_ppl.evals.graders.pass_at_k`), treating the ``n`` seeds of a problem as ``n`` samples of which
+    ``c`` are correct; ``k`` runs over 1, 2, 4, ... and the number of seeds. A problem enters pass@k only when it
+    has at least ``k`` results (an unfinished run); with every result in, pass@1 equals ``accuracy``.
+
     Parameters
     ----------
     records : sequence of dict
@@ -392,6 +524,7 @@ def summarize_results(
         var = sum((a - accuracy) ** 2 for a in seed_acc) / (len(seed_acc) - 1)
         se = math.sqrt(var / len(seed_acc))
     expected = len(problem_list) * len(seed_list)
+    pass_k = _pass_at_ks(by_problem, len(seed_list))
     summary: dict[str, Any] = {
         "n_problems": len(per_problem),
         "seeds": [int(s) for s in seed_list],
@@ -402,11 +535,27 @@ def summarize_results(
         "accuracy_se": se,
         "accuracy_per_seed": per_seed,
         "accuracy_per_problem": per_problem,
+        "pass_at_k": pass_k,
         "total_wall_s": round(sum(float(r["wall_s"]) for r in units), 3),
     }
     for name in COST_FIELDS:
         summary[f"mean_{name}"] = _mean(float(r[name]) for r in units)
     return summary
+
+
+def _pass_at_ks(by_problem: dict[str, list[float]], n_seeds: int) -> dict[str, float]:
+    """Mean unbiased pass@k over problems for k = 1, 2, 4, ... and ``n_seeds`` (problems with >= k samples)."""
+    ks = [1 << i for i in range(max(n_seeds, 1).bit_length()) if 1 << i <= n_seeds]
+    if n_seeds >= 1 and n_seeds not in ks:
+        ks.append(n_seeds)
+    out: dict[str, float] = {}
+    for k in ks:
+        values = [
+            pass_at_k(len(outcomes), int(sum(outcomes)), k) for outcomes in by_problem.values() if len(outcomes) >= k
+        ]
+        if values:
+            out[str(k)] = sum(values) / len(values)
+    return out
 
 
 def plot_accuracy_vs_compute(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:

