@@ -78,10 +78,11 @@ def test_best_of_n_sums_decode_tokens_and_keeps_max_log_p(lm):
     assert len(result.extra["log_p_all"]) == n
 
 
-@pytest.mark.parametrize(("spec", "start"), [("mh", "low-temp"), ("entropy-mh", "low-temp"), ("egps", "plain")])
-def test_mcmc_costs_at_least_its_initial_sample(lm, spec, start):
-    # The chain starts from an ancestral sample of its kernel's policy drawn first from the same generator:
-    # the low-temperature proposal for mh, the base model for egps's tries.
+@pytest.mark.parametrize("spec", ["mh", "entropy-mh", "egps"])
+def test_mcmc_costs_at_least_its_initial_sample(lm, spec):
+    # Every MCMC method starts from the same low-temperature sample, drawn first from the same generator
+    # (egps proposes at temperature 1 but starts where mh starts, so the two compare on equal footing).
+    start = "low-temp"
     for seed in range(3):
         mcmc = _run(spec, lm, seed=seed, steps=4)
         init = _run(start, lm, seed=seed)

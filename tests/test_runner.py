@@ -152,3 +152,22 @@ def test_adaptive_schedule_spends_moves_where_entropy_is():
     assert all(per_block[limit] == 0 for limit in zero_blocks)
     assert all(per_block[limit] > 0 for limit in busy_blocks)
     assert sum(per_block.values()) < 2 * len(masses)  # fewer moves than the constant schedule
+
+
+def test_every_kernel_starts_from_the_same_low_temperature_sample():
+    """Without ``initial``, chains start from q ∝ p^α whatever the kernel proposes with, so kernels compare
+    from one start; ``init_policy`` overrides it."""
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.policy import PowerPolicy
+
+    target = PowerDistribution(random_markov(5, seed=3), [], alpha=4.0, max_new_tokens=8)
+    starts = {}
+    for name in ("mh", "egps"):
+        mcmc = MCMC(build_kernel(name, target), num_samples=1, num_chains=16, seed=4)
+        starts[name] = mcmc._initial_state(None, torch.Generator().manual_seed(4))[0].tokens
+    expected, _ = target.sample_proposal(16, torch.Generator().manual_seed(4))
+    assert torch.equal(starts["mh"], expected.tokens) and torch.equal(starts["egps"], expected.tokens)
+    plain = MCMC(build_kernel("egps", target), num_samples=1, num_chains=16, seed=4, init_policy=PowerPolicy(1.0))
+    tokens = plain._initial_state(None, torch.Generator().manual_seed(4))[0].tokens
+    expected_plain, _ = target.sample_proposal(16, torch.Generator().manual_seed(4), PowerPolicy(1.0))
+    assert torch.equal(tokens, expected_plain.tokens)

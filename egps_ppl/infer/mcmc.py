@@ -14,6 +14,7 @@ from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.infer.schedule import BlockSchedule, Hook, kernel_policy
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.base import Cost
+from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import PAD, Sequences
 
 POSTERIOR_VARS = ("tokens", "length", "log_p")
@@ -47,6 +48,11 @@ class MCMC:
         A :class:`BlockSchedule` that grows the completions block by block before sampling.
     hooks:
         Callables ``hook(phase, step, state, info)`` run after every step.
+    init_policy:
+        Token policy of the ancestral initial completions when :meth:`run` gets no ``initial`` and there is no
+        schedule. Default: the target's proposal q ∝ p^α (temperature 1/α) for *every* kernel, so runs of
+        different kernels with one seed start from the same completions (a kernel that proposes with another
+        policy rescores them once in ``prepare``). A schedule grows its blocks with the kernel's own policy.
 
     Examples
     --------
@@ -70,8 +76,10 @@ class MCMC:
         progress: bool = False,
         schedule: BlockSchedule | None = None,
         hooks: Sequence[Hook] = (),
+        init_policy: PowerPolicy | None = None,
     ) -> None:
         self.kernel = kernel
+        self.init_policy = init_policy
         self.num_samples = check_positive_int("num_samples", num_samples)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise EGPSError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
@@ -91,7 +99,7 @@ class MCMC:
     # ------------------------------------------------------------ running
     def run(self, initial: Sequences | Sequence[Sequence[int]] | None = None) -> MCMC:
         """Run warmup and sampling; ``initial`` is a batch, one list of token ids per chain, or ``None``
-        (ancestral samples of the kernel's proposal, or the schedule's growth phase)."""
+        (ancestral samples of ``init_policy``, or the schedule's growth phase)."""
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed)
         state, cost = self._initial_state(initial, generator)
@@ -139,7 +147,7 @@ class MCMC:
             return target.from_completions(initial, kernel_policy(self.kernel))
         if self.schedule is not None:
             return self.schedule.grow(self.kernel, self.num_chains, generator, self._block_hook)
-        return target.sample_proposal(self.num_chains, generator, kernel_policy(self.kernel))
+        return target.sample_proposal(self.num_chains, generator, self.init_policy or target.default_policy())
 
     def _block_hook(self, phase: str, step: int, state: Sequences, info: StepInfo) -> None:
         for hook in self.hooks:
