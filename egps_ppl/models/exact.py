@@ -274,6 +274,38 @@ class ExactPower:
         positive = torch.where(probs > 0, torch.arange(V), torch.full((), -1, dtype=torch.long))
         return probs.cumsum(-1), positive.max(-1).values
 
+    # ------------------------------------------------------------------ conditionals along a completion
+    def conditional_log_probs(self, completion: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Exact next-token conditionals of ``π`` along one completion.
+
+        Row ``t`` is ``log π(x_t = v | prompt, x_<t)`` for every ``v``:
+        ``α log p(v | x_{t-1}) + β_{T-1-t}(v) - β_{T-t}(x_{t-1})``, i.e. the base conditional raised to ``α`` and
+        reweighted by the future normaliser ``Z(h v) / Z(h)`` (the same messages as :meth:`sample`).
+
+        Parameters
+        ----------
+        completion:
+            Token ids ``x_1..x_n`` with ``1 <= n <= T`` and no EOS before the last token (the last token itself
+            need not be EOS: rows only condition on ``x_<t``).
+
+        Returns
+        -------
+        ``float64[n, V]``; each row is a normalised log-distribution (``-inf`` for impossible tokens).
+        """
+        ids = torch.as_tensor(list(completion) if not torch.is_tensor(completion) else completion, dtype=torch.long)
+        T, V, eos = self.max_new_tokens, self.vocab_size, self.eos_token_id
+        n = int(ids.numel())
+        if ids.dim() != 1 or not 1 <= n <= T:
+            raise EGPSError(f"a completion must be a flat list of 1..{T} token ids (max_new_tokens), got {n}")
+        if (ids < 0).any() or (ids >= V).any():
+            raise EGPSError(f"token ids must lie in [0, {V})")
+        if (ids[:-1] == eos).any():
+            raise EGPSError("the completion has EOS before its last token")
+        # Row t scores token t from the state x_{t-1} (start row for t = 0); T - 1 - t tokens remain after it.
+        rows = torch.cat([self._a_start.unsqueeze(0), self._a_trans.index_select(0, ids[:-1])])
+        after = self._tail[T - 1 - torch.arange(n)]
+        return torch.log_softmax(rows + after, dim=-1)
+
     # ------------------------------------------------------------------ marginals
     def position_marginals(self) -> torch.Tensor:
         """``float64[T, V]``: ``P_π(x_t = v)``; row ``t`` sums to ``P_π(length > t)``."""
