@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench docs clean
+.PHONY: setup demo test test-slow lint bench docs notebooks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.prefix_reuse
 	$(BIN)/python -m benchmarks.egps_speedup --docs docs/benchmarks
+	$(BIN)/python -m benchmarks.baselines --docs docs/benchmarks
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
+
+# Re-execute notebooks/*.ipynb in place, SmolLM2 section included (refreshes the committed outputs; a few minutes).
+notebooks: $(STAMP)
+	$(BIN)/python tools/execute_notebooks.py --smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -248,3 +248,14 @@ def test_package_all_names_have_docstrings():
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not inspect.getdoc(obj):
                 missing.append(f"{name}.{public}")
     assert not missing, f"names in __all__ without a docstring: {missing}"
+
+
+def test_readme_python_examples_run(capsys):
+    """A new user copies the README's Python blocks first: each runs as written (offline, in seconds)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out
+    assert "r_hat" in printed.lower() or "rhat" in printed.lower() or "R-hat" in printed
