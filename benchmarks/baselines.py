@@ -76,7 +76,8 @@ BED_POINTS = (
     Point("plain"),
     Point("low-temp"),
     *(Point("best-of-n", {"n": n}) for n in (4, 16, 64)),
-    *(Point("smc", {"particles": n}) for n in (8, 32, 128)),
+    Point("smc", {"particles": 128}),  # the paper's ESS check every 64 tokens: never inside these completions
+    *(Point("smc", {"particles": n, "ess_every": 1}) for n in (8, 32, 128)),
     *(Point("sps", {"rollouts": m}) for m in (2, 8, 32)),
     *(Point("mh", {"steps": s}) for s in (2, 8, 32, 128)),
     *(Point("egps", {"steps": s}) for s in (2, 8, 32)),
@@ -85,7 +86,7 @@ SMOLLM2_POINTS = (
     Point("plain"),
     Point("low-temp"),
     Point("best-of-n", {"n": 8}),
-    Point("smc", {"particles": 16}),
+    Point("smc", {"particles": 16, "ess_every": 8}),
     Point("sps", {"rollouts": 4, "top_k": 4, "horizon": 32, "block_size": 16}),
     Point("mh", {"steps": 10}),
     Point("egps", {"steps": 10}),
@@ -109,7 +110,7 @@ FULL = Settings(beds=((3, 8),), replicates=400, bed_points=BED_POINTS, smollm2_p
 QUICK = Settings(
     beds=((2, 4),),
     replicates=40,
-    bed_points=(Point("plain"), Point("smc", {"particles": 8}), Point("mh", {"steps": 4})),
+    bed_points=(Point("plain"), Point("smc", {"particles": 8, "ess_every": 1}), Point("mh", {"steps": 4})),
     smollm2_problems=0,
 )
 

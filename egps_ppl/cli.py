@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=10, help="MCMC kernel steps per chain")
     ev.add_argument("--n", type=int, default=8, help="samples of best-of-n")
     ev.add_argument("--particles", type=int, default=64, help="particles of smc")
+    ev.add_argument("--ess-every", type=int, default=64, help="smc: tokens between ESS checks (resampling)")
     ev.add_argument("--top-k", type=int, default=8, help="sps: candidates per step")
     ev.add_argument("--rollouts", type=int, default=8, help="sps: rollouts per candidate")
     ev.add_argument("--horizon", type=int, default=192, help="sps: rollout horizon in tokens (0: to the end)")
@@ -277,6 +278,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_chains=args.num_chains,
         n=args.n,
         particles=args.particles,
+        ess_every=args.ess_every,
         top_k=args.top_k,
         rollouts=args.rollouts,
         horizon=args.horizon or None,

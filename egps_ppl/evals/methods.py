@@ -280,6 +280,7 @@ def load_method(
     num_chains: int = 1,
     n: int = 8,
     particles: int = 64,
+    ess_every: int = 64,
     top_k: int = 8,
     rollouts: int = 8,
     horizon: int | None = 192,
@@ -303,8 +304,9 @@ def load_method(
         MCMC settings (see :class:`MCMCMethod`).
     n : int
         Samples of ``best-of-n``.
-    particles : int
-        Particles of ``smc`` (:class:`~egps_ppl.infer.smc.PowerSMC`).
+    particles, ess_every : int
+        ``smc`` (:class:`~egps_ppl.infer.smc.PowerSMC`): particles, and tokens between ESS checks (the paper's 64
+        suits completions of thousands of tokens; a short completion needs a check within it to resample at all).
     top_k, rollouts, horizon
         ``sps`` (:class:`~egps_ppl.infer.sps.ScalablePowerSampler`): candidates per step, rollouts per candidate
         and their horizon (``None``: to the end).
@@ -327,7 +329,16 @@ def load_method(
     check_alpha(alpha)
     if spec in SAMPLER_METHODS:
         return SamplerMethod(
-            _sampler(spec, n=n, particles=particles, top_k=top_k, rollouts=rollouts, horizon=horizon, block=block_size),
+            _sampler(
+                spec,
+                n=n,
+                particles=particles,
+                ess_every=ess_every,
+                top_k=top_k,
+                rollouts=rollouts,
+                horizon=horizon,
+                block=block_size,
+            ),
             alpha,
         )
     mcmc_kwargs = {
@@ -350,7 +361,15 @@ def load_method(
 
 
 def _sampler(
-    spec: str, *, n: int, particles: int, top_k: int, rollouts: int, horizon: int | None, block: int | None
+    spec: str,
+    *,
+    n: int,
+    particles: int,
+    ess_every: int,
+    top_k: int,
+    rollouts: int,
+    horizon: int | None,
+    block: int | None,
 ) -> Sampler:
     from egps_ppl.infer import samplers
 
@@ -363,7 +382,7 @@ def _sampler(
     if spec == "smc":
         from egps_ppl.infer.smc import PowerSMC
 
-        return PowerSMC(num_particles=particles)
+        return PowerSMC(num_particles=particles, check_every=ess_every)
     from egps_ppl.infer.sps import ScalablePowerSampler
 
     return ScalablePowerSampler(top_k=top_k, rollouts=rollouts, horizon=horizon, block_size=block)
