@@ -211,14 +211,14 @@ def plot(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     if beds:
         fig, axes = new_figure(1, len(beds), size=(5.5, 4.0))
         for ax, bed in zip(axes[0], beds, strict=True):
-            for method in dict.fromkeys(p["method"] for p in bed["points"]):
-                pts = [p for p in bed["points"] if p["method"] == method]
+            for series in dict.fromkeys(_series(p) for p in bed["points"]):
+                pts = [p for p in bed["points"] if _series(p) == series]
                 ax.plot(
                     [p["decode_tokens"] for p in pts],
                     [p["tv"] for p in pts],
-                    "o-",
-                    color=COLORS.get(method),
-                    label=method,
+                    "o-" if series == pts[0]["method"] or len(pts) > 1 else "s",
+                    color=COLORS.get(pts[0]["method"]),
+                    label=series,
                 )
             ax.axhline(bed["noise_floor"]["mean"], color="k", ls=":", lw=1, label="exact draws (noise floor)")
             ax.set_xscale("log")
@@ -247,6 +247,15 @@ def plot(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / f"{NAME}_smollm2.png"))
     return paths
+
+
+SWEPT = ("n", "particles", "rollouts", "steps")
+"""Options a curve sweeps; points that differ only in these share a line in the plot."""
+
+
+def _series(point: dict[str, Any]) -> str:
+    fixed = {k: v for k, v in point["options"].items() if k not in SWEPT}
+    return point["method"] + (f" ({', '.join(f'{k}={v}' for k, v in fixed.items())})" if fixed else "")
 
 
 def _save(fig: Any, path: Path) -> Path:
