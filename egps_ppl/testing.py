@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel
 from egps_ppl.models.exact import ExactPower
 from egps_ppl.models.markov import MarkovLM
@@ -242,8 +243,15 @@ def pearson_test(counts: torch.Tensor, probs: torch.Tensor, outside: float = 0.0
 
     Returns ``(statistic, degrees of freedom, p-value)``.
     """
+    probs = probs.double()
+    if (probs < 0).any() or probs.isnan().any() or float(probs.sum()) > 1.0 + 1e-6:
+        # A common slip is to pass log-probabilities; the test would then silently pass.
+        raise EGPSError(
+            f"pearson_test needs probabilities (>= 0, summing to at most 1), got values in "
+            f"[{float(probs.min()):.3g}, {float(probs.max()):.3g}] summing to {float(probs.sum()):.6g}"
+        )
     counts = counts.double()
-    expected = (counts.sum() + outside) * probs.double()
+    expected = (counts.sum() + outside) * probs
     big = expected >= 5
     stat = (((counts - expected) ** 2) / expected)[big].sum().item()
     bins = int(big.sum())

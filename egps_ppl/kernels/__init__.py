@@ -1,6 +1,6 @@
 """Transition kernels: site selectors, proposals, corrections and combinators."""
 
-from egps_ppl.kernels.base import Kernel, StepInfo
+from egps_ppl.kernels.base import Kernel, StepInfo, metropolis_accept
 from egps_ppl.kernels.combinators import Cycle, Mixture
 from egps_ppl.kernels.mh import MetropolisHastings
 from egps_ppl.kernels.mtm import MultipleTryMetropolis
@@ -21,6 +21,7 @@ __all__ = [
     "SuffixProposal",
     "UniformSite",
     "WindowProposal",
+    "metropolis_accept",
 ]
 
 
