@@ -43,7 +43,6 @@ import torch
 from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.infer.samplers import SamplerResult
 from egps_ppl.models.base import Cost, LanguageModel, next_token_stats, sample_from_cdf
-from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
@@ -273,12 +272,8 @@ def power_conditional(
 
 # ---------------------------------------------------------------------------------------------- next-token p
 def next_token_logprobs(lm: LanguageModel, seqs: Sequences) -> tuple[torch.Tensor, Cost, Sequences]:
-    """Full next-token log-distributions ``log p(· | prompt, tokens[r, :length[r]])`` of every row.
-
-    The :class:`~egps_ppl.models.base.LanguageModel` protocol only samples and scores given tokens, so this
-    reads the distribution where a backend exposes it: a ``next_token_logprobs(seqs)`` method returning
-    ``(logp[R, V], Cost, seqs)`` on any backend, the transition table of a :class:`MarkovLM`, or one
-    cached forward pass of an :class:`~egps_ppl.models.hf.HFModel`.
+    """Full next-token log-distributions of every row (``LanguageModel.next_token_logprobs``), with the
+    message the token-level sampler needs when a backend does not have them.
 
     Returns
     -------
@@ -289,39 +284,15 @@ def next_token_logprobs(lm: LanguageModel, seqs: Sequences) -> tuple[torch.Tenso
     seqs : Sequences
         The rows, with the backend cache advanced where there is one.
     """
-    method = getattr(lm, "next_token_logprobs", None)
-    if callable(method):
-        logp, cost, seqs = method(seqs)
-        return torch.as_tensor(logp, dtype=torch.float64).cpu(), cost, seqs
-    if isinstance(lm, MarkovLM):
-        state = lm._previous(seqs, seqs.tokens, seqs.length)
-        logp = lm.log_table.to(torch.float64)[state]
-        return logp, Cost.zero(seqs.num_rows, seqs.device), seqs
-    from egps_ppl.models.hf import HFModel  # light: transformers is imported only when a model loads
-
-    if isinstance(lm, HFModel):
-        return _hf_next_token_logprobs(lm, seqs)
-    raise EGPSError(
-        f"the token-level Scalable Power Sampler needs full next-token distributions, which backend "
-        f"{type(lm).__name__} does not expose (add a next_token_logprobs(seqs) method); the block variant "
-        "(block_size >= 1) works with any backend"
-    )
-
-
-def _hf_next_token_logprobs(lm: Any, seqs: Sequences) -> tuple[torch.Tensor, Cost, Sequences]:
-    """One forward pass per row over what its KV pool lacks (normally one token), as ``HFModel.extend`` does."""
-    P = lm._check_prompt(seqs)
-    lm._check_tokens(seqs)
-    pool = lm._working_pool(seqs)
-    full = lm._full_tokens(seqs)
-    seq_len = P + seqs.length
-    held = pool.consistent_prefix(full, seq_len).cpu()
-    lo = torch.minimum(held, seq_len - 1)
-    pool = pool.cut(lo)
-    fed = lm._feed(pool, full, lo, seq_len, _BASE, P, seqs.capacity)
-    logp = fed.last.logp.to(torch.float64).cpu()
-    cost = Cost(torch.zeros_like(seqs.length), seq_len - lo, fed.calls)
-    return logp, cost, seqs.with_(cache=lm._finish_pool(fed.pool))
+    try:
+        logp, cost, seqs = lm.next_token_logprobs(seqs)
+    except (EGPSError, AttributeError) as err:
+        raise EGPSError(
+            f"the token-level Scalable Power Sampler needs full next-token distributions, which backend "
+            f"{type(lm).__name__} does not expose (add a next_token_logprobs(seqs) method); the block variant "
+            "(block_size >= 1) works with any backend"
+        ) from err
+    return torch.as_tensor(logp, dtype=torch.float64).cpu(), cost, seqs
 
 
 # ---------------------------------------------------------------------------------------------- the sampler

@@ -289,6 +289,28 @@ class LanguageModel(ABC):
     def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
         """Recompute the statistics of positions ``start <= t < length`` by teacher forcing."""
 
+    def next_token_logprobs(self, seqs: Sequences) -> tuple[torch.Tensor, Cost, Sequences]:
+        """Full next-token log-distributions ``log p(· | prompt, tokens[r, :length[r]])`` of every row.
+
+        Optional: samplers that need whole distributions (token-level Scalable Power Sampling) call it; the
+        MCMC kernels never do.
+
+        Returns
+        -------
+        logp : torch.Tensor
+            ``float64[R, V]`` on the CPU.
+        cost : Cost
+            Tokens fed to get the distributions (counted as scored tokens).
+        seqs : Sequences
+            The rows, with the backend cache advanced where there is one.
+
+        Raises
+        ------
+        EGPSError
+            If the backend does not expose full distributions.
+        """
+        raise EGPSError(f"backend {type(self).__name__} does not expose full next-token distributions")
+
     def merge(self, take_other: torch.Tensor, current: Sequences, other: Sequences) -> Sequences:
         """Row-wise choice between ``current`` and ``other`` (a proposal derived from it)."""
         return current.where(take_other, other, cache=None)

@@ -552,6 +552,21 @@ class HFModel(LanguageModel):
         )
         return result, Cost(decoded, scored, calls)
 
+    def next_token_logprobs(self, seqs: Sequences) -> tuple[torch.Tensor, Cost, Sequences]:
+        """Full next-token log-distributions of every row: one forward pass over what each row's KV slots lack
+        (normally one token), as :meth:`extend` does; the pool is advanced and carried along."""
+        P = self._check_prompt(seqs)
+        self._check_tokens(seqs)
+        pool = self._working_pool(seqs)
+        full = self._full_tokens(seqs)
+        seq_len = P + seqs.length
+        held = pool.consistent_prefix(full, seq_len).cpu()
+        lo = torch.minimum(held, seq_len - 1)
+        fed = self._feed(pool.cut(lo), full, lo, seq_len, PowerPolicy(1.0), P, seqs.capacity)
+        logp = fed.last.logp.to(torch.float64).cpu()
+        cost = Cost(torch.zeros_like(seqs.length), seq_len - lo, fed.calls)
+        return logp, cost, seqs.with_(cache=self._finish_pool(fed.pool))
+
     def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
         """Recompute ``logp``/``logq``/``entropy``/``logz`` of positions ``start <= t < length`` by teacher forcing.
 

@@ -178,6 +178,11 @@ class MarkovLM(LanguageModel):
             self._stats_cache[key] = cdf
         return cdf
 
+    def next_token_logprobs(self, seqs: Sequences) -> tuple[torch.Tensor, Cost, Sequences]:
+        """Full next-token log-distributions of every row: rows of the transition table (no cost)."""
+        state = self._previous(seqs, seqs.tokens, seqs.length)
+        return self.log_table.to(torch.float64)[state], Cost.zero(seqs.num_rows, seqs.device), seqs
+
     def score(self, seqs: Sequences, start: torch.Tensor) -> tuple[Sequences, Cost]:
         self._check_start(seqs, start)
         stats = self.state_stats(seqs.policy)
