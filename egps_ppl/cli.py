@@ -287,6 +287,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         adaptive=args.adaptive,
     )
     run_config = {"argv": sys.argv[1:], "device": args.device, "dtype": args.dtype}
+    run = {
+        "resume": args.resume,
+        "progress": args.progress,
+        "max_new_tokens": args.max_new_tokens,
+        "config": run_config,
+    }
     if args.ray is not None:
         from egps_ppl.evals.ray_runner import evaluate_ray
 
@@ -298,10 +304,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             seeds,
             args.limit,
             args.out,
-            resume=args.resume,
-            progress=args.progress,
-            max_new_tokens=args.max_new_tokens,
-            config=run_config,
+            **run,
             address=args.ray,
             num_workers=args.ray_workers,
             cpus_per_worker=args.ray_cpus_per_worker,
@@ -314,18 +317,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         set_threads(args.threads)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        summary = evaluate(
-            task,
-            method,
-            lm,
-            seeds,
-            args.limit,
-            args.out,
-            resume=args.resume,
-            progress=args.progress,
-            max_new_tokens=args.max_new_tokens,
-            config=run_config,
-        )
+        summary = evaluate(task, method, lm, seeds, args.limit, args.out, **run)
     acc, se = summary["accuracy"], summary["accuracy_se"]
     accuracy = "n/a" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
     cost = summary["mean_decode_tokens"]

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import eval_fixtures
 import pytest
+from eval_fixtures import FirstTokenTask
 
 from egps_ppl.cli import main
 from egps_ppl.errors import EGPSError
-from egps_ppl.evals.graders import GradeResult
 from egps_ppl.evals.methods import load_method
 from egps_ppl.evals.runner import RECORD_FIELDS, evaluate, read_results, unit_seed
-from egps_ppl.evals.tasks import Problem
 from egps_ppl.models.testbeds import random_markov
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,27 +24,6 @@ LIMIT = 3
 UNITS = {(f"p{i}", s) for i in range(LIMIT) for s in SEEDS}
 # Fields that depend on the run, not on the unit (timings).
 TIMING = ("wall_s", "grade_s")
-
-
-class FirstTokenTask:
-    """Problems over a Markov model (no tokenizer): correct when the first completion token is the answer."""
-
-    def __init__(self, size: int = 4) -> None:
-        self.name = "first-token"
-        self._problems = [Problem(f"p{i}", f"problem {i}", str(1 + i % 3)) for i in range(size)]
-
-    def problems(self, limit=None):
-        return self._problems if limit is None else self._problems[:limit]
-
-    def build_prompt(self, problem, lm):
-        return []
-
-    def extract(self, completion_text):
-        return completion_text.split()[0] if completion_text.split() else None
-
-    def grade(self, problem, completion_text):
-        got = self.extract(completion_text)
-        return GradeResult(got == problem.answer, got, "first token")
 
 
 class KillingMethod:
@@ -97,12 +76,15 @@ def ray():
     ray = pytest.importorskip("ray")
     from ray import cloudpickle
 
-    # The workers cannot import this test module: ship its classes and functions by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # The workers cannot import the test modules: ship their classes and functions by value.
+    shipped = [sys.modules[__name__], eval_fixtures]
+    for module in shipped:
+        cloudpickle.register_pickle_by_value(module)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    for module in shipped:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 @pytest.fixture(scope="module")

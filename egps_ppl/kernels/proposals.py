@@ -90,24 +90,7 @@ class SuffixProposal:
     def propose(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
     ) -> Proposed:
-        """Propose a new sequence for every chain from its cut.
-
-        Parameters
-        ----------
-        target : PowerDistribution
-            The target (its backend does the sampling and scoring).
-        state : Sequences
-            The current chains, with statistics under ``self.policy``.
-        cut : torch.Tensor
-            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
-        generator : torch.Generator or None
-            Source of randomness.
-
-        Returns
-        -------
-        Proposed
-            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
-        """
+        """Resample each chain from its cut to the end (see :meth:`Proposal.propose`)."""
         start = cut.clamp(min=0)
         # Rows without a site keep their whole sequence: extend from their length samples nothing new
         # only if they are complete, so keep them unchanged by starting at their length and stopping there.
@@ -167,24 +150,7 @@ class WindowProposal:
     def propose(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
     ) -> Proposed:
-        """Propose a new sequence for every chain from its cut.
-
-        Parameters
-        ----------
-        target : PowerDistribution
-            The target (its backend does the sampling and scoring).
-        state : Sequences
-            The current chains, with statistics under ``self.policy``.
-        cut : torch.Tensor
-            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
-        generator : torch.Generator or None
-            Source of randomness.
-
-        Returns
-        -------
-        Proposed
-            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
-        """
+        """Resample each chain's window after its cut and rescore the kept tail (see :meth:`Proposal.propose`)."""
         lm = target.lm
         pick = torch.multinomial(self.weights, state.num_rows, replacement=True, generator=generator)
         width = self.widths[pick].to(state.device)

@@ -44,18 +44,7 @@ class UniformSite:
     name = "uniform"
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
-        """Log-probability of cutting each row at each position.
-
-        Parameters
-        ----------
-        seqs : Sequences
-            The chains (their ``entropy`` and ``length`` are read).
-
-        Returns
-        -------
-        torch.Tensor
-            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
-        """
+        """Uniform over each row's positions ``0 <= i < length`` (see :meth:`SiteSelector.log_probs`)."""
         n = seqs.length.to(torch.float64).unsqueeze(1)
         return torch.where(seqs.valid_mask(), -n.log(), torch.full_like(n, -torch.inf))
 
@@ -124,18 +113,7 @@ class EntropySite:
         self.name = "entropy" if threshold is None else "decision"
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
-        """Log-probability of cutting each row at each position.
-
-        Parameters
-        ----------
-        seqs : Sequences
-            The chains (their ``entropy`` and ``length`` are read).
-
-        Returns
-        -------
-        torch.Tensor
-            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
-        """
+        """``∝ floor + H_i^beta`` (``floor`` alone below the threshold) over each row's positions; see the class."""
         weight = seqs.entropy.clamp(min=0) ** self.beta
         if self.threshold is not None:
             weight = torch.where(seqs.entropy >= self.threshold, weight, torch.zeros_like(weight))
@@ -163,18 +141,7 @@ class EntropyJumpSite:
         self.beta, self.floor = float(beta), float(floor)
 
     def log_probs(self, seqs: Sequences) -> torch.Tensor:
-        """Log-probability of cutting each row at each position.
-
-        Parameters
-        ----------
-        seqs : Sequences
-            The chains (their ``entropy`` and ``length`` are read).
-
-        Returns
-        -------
-        torch.Tensor
-            ``float64[C, T]``, normalised over each row's positions ``0 <= i < length``; ``-inf`` elsewhere.
-        """
+        """``∝ floor + max(0, H_i - H_(i-1))^beta`` over each row's positions; see the class."""
         previous = torch.nn.functional.pad(seqs.entropy[:, :-1], (1, 0))
         jump = (seqs.entropy - previous).clamp(min=0) ** self.beta
         return _normalised(jump + self.floor, seqs.valid_mask())
