@@ -300,12 +300,12 @@ def batching(
     init_seconds = t.seconds
 
     def rows(count: int) -> Sequences:
-        return lm.take(init, torch.arange(count))
+        return init.take(torch.arange(count))
 
-    run_steps(kernel, lm.take(init, torch.tensor([0])), 1, seed)  # warm-up, untimed
+    run_steps(kernel, init.take(torch.tensor([0])), 1, seed)  # warm-up, untimed
     batched = run_steps(kernel, init, steps, seed + 1)
     batched["lockstep_efficiency"] = batched["decode_tokens"] / max(1, chains * batched["forward_calls"])
-    per_chain = [run_steps(kernel, lm.take(init, torch.tensor([c])), steps, seed + 1 + c) for c in range(chains)]
+    per_chain = [run_steps(kernel, init.take(torch.tensor([c])), steps, seed + 1 + c) for c in range(chains)]
     separate = {k: sum(r[k] for r in per_chain) for k in per_chain[0]}
     separate["per_chain_seconds"] = [r["seconds"] for r in per_chain]
     batched = _throughput(batched, steps)

@@ -7,14 +7,37 @@ ratio cost only the changed part of a sequence: the unchanged prefix is never re
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from egps_ppl.models.policy import PowerPolicy
 
 PAD = -1
 """Token id used for positions past a sequence's end (also in the ArviZ export)."""
 
 STAT_NAMES = ("logp", "logq", "entropy", "logz")
+
+
+@runtime_checkable
+class RowCache(Protocol):
+    """A backend's per-row cache (e.g. a KV pool) that follows the rows of :class:`Sequences`.
+
+    :meth:`Sequences.take` and :meth:`Sequences.where` call these, so kernels select and merge rows of the
+    state directly and the cache stays in step.
+    """
+
+    def take(self, index: torch.Tensor) -> RowCache:
+        """Rows ``index`` (``long[N]``, repeats allowed) of the cache."""
+        ...
+
+    def where(self, take_other: torch.Tensor, other: RowCache | None) -> RowCache:
+        """Row-wise choice: ``other``'s rows where ``take_other`` (``bool[C]``), else this cache's rows.
+
+        ``other = None`` stands for an empty cache (nothing cached for those rows).
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -36,17 +59,16 @@ class Sequences:
         Current maximum completion length (``<= T``). The block-wise schedule grows it; a row that reaches
         ``limit`` without EOS is a valid, unfinished member of the target's support.
     policy:
-        The token policy that ``logq`` and ``logz`` refer to.
+        The :class:`~egps_ppl.models.policy.PowerPolicy` that ``logq`` and ``logz`` refer to.
     eos_token_id:
         End-of-sequence id (or ``None`` when the model has none).
     cache:
-        Opaque backend handle (e.g. a KV pool); ``None`` where the backend needs none.
+        The backend's :class:`RowCache` for these rows (e.g. a KV pool); ``None`` where the backend keeps none.
 
     Notes
     -----
-    Instances are immutable; the methods return new batches. Kernels should select and merge rows through the
-    backend (``lm.take``, ``lm.merge``), which carries ``cache`` along, rather than with :meth:`take` and
-    :meth:`where` directly.
+    Instances are immutable; the methods return new batches. :meth:`take` and :meth:`where` carry the cache
+    along, so kernels select and merge rows of a state directly.
 
     Examples
     --------
@@ -70,9 +92,9 @@ class Sequences:
     entropy: torch.Tensor
     logz: torch.Tensor
     limit: int
-    policy: Any
+    policy: PowerPolicy
     eos_token_id: int | None
-    cache: Any = None
+    cache: RowCache | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -81,9 +103,9 @@ class Sequences:
         prompt: torch.Tensor,
         num_rows: int,
         capacity: int,
-        policy: Any,
+        policy: PowerPolicy,
         eos_token_id: int | None,
-        cache: Any = None,
+        cache: RowCache | None = None,
         device: torch.device | str = "cpu",
     ) -> Sequences:
         """Rows with no completion tokens yet.
@@ -185,11 +207,18 @@ class Sequences:
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
-    def where(self, take_other: torch.Tensor, other: Sequences, cache: Any = None) -> Sequences:
-        """Row-wise choice: ``other`` where ``take_other`` is true, else ``self``.
+    def where(self, take_other: torch.Tensor, other: Sequences) -> Sequences:
+        """Row-wise choice: ``other``'s rows where ``take_other`` (``bool[C]``) is true, else ``self``'s.
 
-        ``cache`` is the already-merged backend handle (backends provide the merge).
+        The caches are merged by :meth:`RowCache.where` (a side without one counts as empty).
         """
+        take_other = torch.as_tensor(take_other, dtype=torch.bool, device=self.device)
+        if self.cache is None and other.cache is None:
+            cache = None
+        elif self.cache is None:
+            cache = other.cache.where(~take_other, None)
+        else:
+            cache = self.cache.where(take_other, other.cache)
         mask2 = take_other.unsqueeze(1)
         return replace(
             self,
@@ -202,8 +231,10 @@ class Sequences:
             cache=cache,
         )
 
-    def take(self, index: torch.Tensor, cache: Any = None) -> Sequences:
-        """Rows ``index`` (repeats allowed), with the backend's already-selected ``cache``."""
+    def take(self, index: torch.Tensor) -> Sequences:
+        """Rows ``index`` (``long[N]``, repeats allowed), the cache's rows included."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        cache = None if self.cache is None else self.cache.take(index)
         return replace(
             self,
             tokens=self.tokens[index],

@@ -170,19 +170,6 @@ class PowerDistribution:
         """
         return self.lm.from_tokens(self.prompt, completions, self.max_new_tokens, policy or self.default_policy())
 
-    def pyro_model(self) -> Callable[[], torch.Tensor]:
-        """This target as a Pyro model: ``pyro.sample`` of a completion from p, then
-        ``pyro.factor("power", (α − 1)·log p(x) + log_factor(x))``; see :mod:`egps_ppl.pyro_model`."""
-        from egps_ppl.pyro_model import power_model
-
-        return power_model(self)
-
-    def pyro_potential(self) -> Callable[..., torch.Tensor]:
-        """``{"x": tokens} -> -log π(x)`` (unnormalised) computed through Pyro's poutine."""
-        from egps_ppl.pyro_model import potential_fn
-
-        return potential_fn(self)
-
     def describe(self) -> str:
         """A one-line description: model, α and ``max_new_tokens``."""
         return f"PowerDistribution(model={self.lm.name}, alpha={self.alpha:g}, max_new_tokens={self.max_new_tokens})"

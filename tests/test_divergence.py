@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from egps_ppl.cli import main
-from egps_ppl.diagnostics import (
+from egps_ppl.analysis import (
     DivergenceProfile,
     clustering_test,
     correlations,
@@ -22,7 +21,8 @@ from egps_ppl.diagnostics import (
     run_lengths,
     top_share,
 )
-from egps_ppl.diagnostics.divergence import kl_divergence, next_token_log_probs, plot_divergence_vs_entropy
+from egps_ppl.analysis.divergence import kl_divergence, next_token_log_probs, plot_divergence_vs_entropy
+from egps_ppl.cli import main
 from egps_ppl.errors import EGPSError
 from egps_ppl.models.exact import ExactPower
 from egps_ppl.models.markov import MarkovLM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_batched_rows_agree_with_single_rows(pair: tuple[HFModel, HFModel]) -> N
     stops = torch.tensor([30, 9, 30, 30, 2, 25])
     batched, _ = model.extend(base, starts, stop=stops)
     for row in range(6):
-        one = model.take(base, torch.tensor([row]))
+        one = base.take(torch.tensor([row]))
         single, _ = model.extend(one, starts[row : row + 1], stop=stops[row : row + 1])
         assert single.row_tokens(0) == batched.row_tokens(row)
         for stat in STATS:
@@ -105,7 +106,7 @@ def test_batched_rows_agree_with_single_rows(pair: tuple[HFModel, HFModel]) -> N
     cut = torch.tensor([0, 5, 3, 29, 1, 10]).minimum(sampled.length)
     resampled, _ = model.extend(sampled, cut, generator=gen(4))
     for row in range(6):
-        one = resampled.take(torch.tensor([row]), cache=None)
+        one = resampled.with_(cache=None).take(torch.tensor([row]))
         ref = full_score(model, one)
         assert_same(ref, one)
 
@@ -127,7 +128,7 @@ def _ops(model: HFModel, seed: int) -> tuple[list[Sequences], int, int]:
             cut = (torch.rand(cur.num_rows, generator=rnd) * (cur.length + 1).double()).long().minimum(cur.length)
             prop, cost = model.extend(cur, cut, generator=g)
             accept = torch.rand(cur.num_rows, generator=rnd) < 0.6
-            cur = model.merge(accept, cur, prop)
+            cur = cur.where(accept, prop)
             scored += int(cost.scored_tokens.sum())
             decoded += int(cost.decode_tokens.sum())
             history.extend([prop, cur])
@@ -135,28 +136,28 @@ def _ops(model: HFModel, seed: int) -> tuple[list[Sequences], int, int]:
 
     cur = rounds(cur, 5)
     # Multiple-try style: repeat rows, propose from a shared cut, select one try per chain, merge.
-    tries = model.take(cur, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]))
+    tries = cur.take(torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]))
     cut = cur.length.repeat_interleave(3) // 2
     tries, cost = model.extend(tries, cut, generator=g)
     scored += int(cost.scored_tokens.sum())
     decoded += int(cost.decode_tokens.sum())
-    chosen = model.take(tries, torch.tensor([1, 3, 8, 10]))
-    cur = model.merge(torch.tensor([True, False, True, True]), cur, chosen)
+    chosen = tries.take(torch.tensor([1, 3, 8, 10]))
+    cur = cur.where(torch.tensor([True, False, True, True]), chosen)
     history.extend([tries, chosen, cur])
     # SMC-style resampling with repeats, then more moves and a block-style growth.
-    cur = model.take(cur, torch.tensor([2, 2, 0, 3, 1, 2]))
+    cur = cur.take(torch.tensor([2, 2, 0, 3, 1, 2]))
     history.append(cur)
     cur = rounds(cur, 2)
     # Mixture-style: a subset of rows moves, then is scattered back (the pools do not share a layout).
     rows = torch.tensor([1, 4, 5])
-    sub, cost = model.extend(model.take(cur, rows), cur.length[rows] // 2, generator=g)
+    sub, cost = model.extend(cur.take(rows), cur.length[rows] // 2, generator=g)
     decoded += int(cost.decode_tokens.sum())
     scored += int(cost.scored_tokens.sum())
     slot = torch.zeros(6, dtype=torch.long)
     slot[rows] = torch.arange(3)
     mine = torch.zeros(6, dtype=torch.bool)
     mine[rows] = True
-    cur = model.merge(mine, cur, model.take(sub, slot))
+    cur = cur.where(mine, sub.take(slot))
     history.extend([sub, cur])
     cur = rounds(cur, 2)
     grown, cost = model.extend(cur.with_(limit=48), cur.length, generator=g)
@@ -230,7 +231,7 @@ def test_merge_reuses_descendant_pool_and_copies_rows_otherwise() -> None:
     cur, _ = model.extend(seqs, torch.zeros(3, dtype=torch.long), generator=gen(1))
     prop, _ = model.extend(cur, torch.tensor([4, 10, 0]), generator=gen(2))
     accept = torch.tensor([True, False, True])
-    merged = model.merge(accept, cur, prop)
+    merged = cur.where(accept, prop)
     # Descendant: the proposal's tensors are reused as they are.
     assert merged.cache.keys[0] is prop.cache.keys[0]
     # Not a descendant (an independent batch): each row copied from its side into a fresh pool, still correct.
@@ -238,7 +239,7 @@ def test_merge_reuses_descendant_pool_and_copies_rows_otherwise() -> None:
     other, _ = model.extend(fresh, torch.zeros(3, dtype=torch.long), generator=gen(7))
     other, _ = model.extend(other, torch.tensor([2, 2, 2]), generator=gen(8))
     assert not other.cache.descends_from(cur.cache, ~accept)
-    mixed = HFModel(model.model, model.tokenizer, compact_below=0.0).merge(accept, cur, other)
+    mixed = cur.with_(cache=dataclasses.replace(cur.cache, compact_below=0.0)).where(accept, other)
     assert mixed.cache.num_slots == max(cur.cache.num_slots, other.cache.num_slots)
     assert mixed.cache.keys[0] is not other.cache.keys[0]
     nxt, _ = model.extend(mixed, mixed.length // 2, generator=gen(3))

@@ -19,11 +19,10 @@ from pyro.infer import MCMC
 
 from egps_ppl.kernels import MetropolisHastings
 from egps_ppl.kernels.base import Kernel, StepInfo
-from egps_ppl.kernels.pyro_adapter import PyroKernel
 from egps_ppl.models.exact import ExactPower, enumerate_completions
 from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.testbeds import random_markov
-from egps_ppl.pyro_model import SequenceDistribution, potential_fn, power_model
+from egps_ppl.pyro import PyroKernel, SequenceDistribution, potential_fn, power_model
 from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
 from egps_ppl.testing import distance_to_target
@@ -272,16 +271,15 @@ def test_pyro_mcmc_with_adapter_matches_exact_pi(monkeypatch: pytest.MonkeyPatch
     assert rescored == 0
 
 
-def test_target_methods_give_the_pyro_forms():
-    from egps_ppl.kernels import PyroKernel as Exported
-    from egps_ppl.kernels.pyro_adapter import PyroKernel
+def test_package_forms_give_the_exact_target():
+    from egps_ppl.pyro.kernel import PyroKernel as Defined
     from egps_ppl.target import PowerDistribution
 
     target = PowerDistribution(random_markov(3, seed=0, eos_token_id=0), [], alpha=2.0, max_new_tokens=3)
     support, log_pi = ExactPower(target.lm, 2.0, 3).enumerate()
-    potential = target.pyro_potential()
+    potential = potential_fn(target)
     tokens = torch.tensor([list(s) + [-1] * (3 - len(s)) for s in support])
     energies = torch.stack([potential({"x": row}) for row in tokens])
     # exp(-U) normalised equals the exact π.
     torch.testing.assert_close(torch.log_softmax(-energies, 0), log_pi, atol=1e-9, rtol=0)
-    assert Exported is PyroKernel and callable(target.pyro_model())
+    assert Defined is PyroKernel and callable(power_model(target))

@@ -23,14 +23,16 @@ __all__ = ["plot_entropy_profile", "plot_trace"]
 _MAX_LEGEND_CHAINS = 8  # beyond this a legend hides the traces
 
 
-def _new_figure(rows: int, height_per_row: float = 2.4) -> tuple[Figure, Any]:
+def new_figure(rows: int, height_per_row: float = 2.4) -> tuple[Figure, Any]:
+    """A headless figure (Agg canvas) with ``rows`` stacked axes sharing x; returns ``(figure, axes)``."""
     fig = Figure(figsize=(9, height_per_row * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     return fig, axes
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (parent folders created) and return the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, format="png", dpi=100)
@@ -76,7 +78,7 @@ def plot_trace(data: Any, path: str | os.PathLike[str]) -> Path:
         raise EGPSError(f"posterior is missing {', '.join(missing)}; cannot plot a trace")
     stats = group_dataset(data, "sample_stats") if "sample_stats" in group_names(data) else None
     has_acceptance = stats is not None and "acceptance_rate" in stats.data_vars
-    fig, axes = _new_figure(3 if has_acceptance else 2)
+    fig, axes = new_figure(3 if has_acceptance else 2)
     _plot_chains(axes[0], posterior["log_p"].transpose("chain", "draw").values, "log p(x)")
     _plot_chains(axes[1], posterior["length"].transpose("chain", "draw").values, "length")
     if has_acceptance:
@@ -87,7 +89,7 @@ def plot_trace(data: Any, path: str | os.PathLike[str]) -> Path:
     if posterior.sizes["chain"] <= _MAX_LEGEND_CHAINS:
         axes[0].legend(loc="best", fontsize="small")
     axes[0].set_title("MCMC trace")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_entropy_profile(entropy: Any, cut_positions: Any, path: str | os.PathLike[str]) -> Path:
@@ -119,7 +121,7 @@ def plot_entropy_profile(entropy: Any, cut_positions: Any, path: str | os.PathLi
     cuts = np.asarray(cut_positions).ravel()
     cuts = cuts[cuts >= 0]
     positions = np.arange(rows.shape[1])
-    fig, (ax_entropy, ax_cuts) = _new_figure(2)
+    fig, (ax_entropy, ax_cuts) = new_figure(2)
     if rows.shape[0] > 1:
         for row in rows:
             ax_entropy.plot(positions, row, color="0.7", lw=0.6)
@@ -135,4 +137,4 @@ def plot_entropy_profile(entropy: Any, cut_positions: Any, path: str | os.PathLi
     ax_cuts.plot(cuts, np.zeros_like(cuts), "|", color="k", ms=10, alpha=0.3)
     ax_cuts.set_ylabel(f"cuts (n={cuts.size})")
     ax_cuts.set_xlabel("position")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from egps_ppl.errors import EGPSError, check_positive_int
-from egps_ppl.infer.schedule import BlockSchedule, Hook, kernel_policy
+from egps_ppl.infer.schedule import BlockSchedule, Hook
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
@@ -144,7 +144,7 @@ class MCMC:
         if initial is not None:
             if len(initial) != self.num_chains:
                 raise EGPSError(f"got {len(initial)} initial completions for {self.num_chains} chains")
-            return target.from_completions(initial, kernel_policy(self.kernel))
+            return target.from_completions(initial, self.kernel.policy)
         if self.schedule is not None:
             return self.schedule.grow(self.kernel, self.num_chains, generator, self._block_hook)
         return target.sample_proposal(self.num_chains, generator, self.init_policy or target.default_policy())

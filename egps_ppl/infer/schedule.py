@@ -20,7 +20,6 @@ import torch
 from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.base import Cost
-from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
 
 Hook = Callable[[str, int, Sequences, StepInfo], None]
@@ -60,7 +59,7 @@ class BlockSchedule:
         """Run the whole schedule from empty completions; return the final state and the cost spent."""
         target = kernel.target
         limit = min(self.block_size, target.max_new_tokens)
-        state = target.empty(num_chains, kernel_policy(kernel), limit=limit)
+        state = target.empty(num_chains, kernel.policy, limit=limit)
         state, cost = target.lm.extend(state, torch.zeros_like(state.length), generator=generator)
         step = 0
         block_start = 0
@@ -80,12 +79,6 @@ class BlockSchedule:
             state = state.with_(limit=limit)
             state, grown = target.lm.extend(state, state.length, generator=generator)
             cost = cost + grown
-
-
-def kernel_policy(kernel: Kernel) -> PowerPolicy:
-    """The token policy a kernel proposes with (its own or its proposal's, else the target's default)."""
-    policy = getattr(kernel, "policy", None) or getattr(getattr(kernel, "proposal", None), "policy", None)
-    return policy or kernel.target.default_policy()
 
 
 @dataclass(frozen=True)

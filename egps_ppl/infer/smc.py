@@ -308,7 +308,7 @@ class PowerSMC:
                 if ess < self.ess_threshold * n * (1.0 - _ESS_SLACK):
                     index = resample(log_w, generator, self.resampling).to(device)
                     # The backend's take carries each survivor's KV cache rows along: nothing is recomputed.
-                    seqs, done = lm.take(seqs, index), done[index]
+                    seqs, done = seqs.take(index), done[index]
                     # Reset to the mean weight: log((1/N) Σ w) is unchanged, so it stays the evidence estimate.
                     log_w = torch.full_like(log_w, float(torch.logsumexp(log_w, 0)) - math.log(n))
                     resample_steps.append(step)

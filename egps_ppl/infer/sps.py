@@ -99,7 +99,7 @@ def _rollouts(
     n = rows.num_rows
     index = torch.arange(n, device=rows.device).repeat_interleave(rollouts)
     # The kept prefixes' logq/logz refer to another policy: harmless, only the new positions' logp is read.
-    batch = lm.take(rows, index).with_(policy=_BASE)
+    batch = rows.take(index).with_(policy=_BASE)
     start = batch.length.clone()
     stop = None if horizon is None else start + horizon
     out, cost = lm.extend(batch, start, stop, generator)
@@ -177,7 +177,7 @@ def rollout_log_weights(
     if prefixes.complete().any():
         raise EGPSError("every prefix row must be able to grow (no EOS at its end and length < limit)")
     index = torch.arange(R, device=prefixes.device).repeat_interleave(K)
-    rows = _append(target.lm.take(prefixes, index), candidates.reshape(-1).long().to(prefixes.device))
+    rows = _append(prefixes.take(index), candidates.reshape(-1).long().to(prefixes.device))
     log_w, cost = _rollouts(target, rows, rollouts, horizon, generator)
     return log_w.view(R, K, rollouts), _grouped_cost(cost, R)
 
@@ -428,19 +428,19 @@ class ScalablePowerSampler:
         assert L is not None and self.block_size is not None
         index = torch.arange(W, device=work.device).repeat_interleave(L)
         start = work.length.repeat_interleave(L)
-        blocks, draw_cost = lm.extend(lm.take(work, index), start, start + self.block_size, generator)
+        blocks, draw_cost = lm.extend(work.take(index), start, start + self.block_size, generator)
         block_logp = blocks.total("logp", start=start).view(W, L)
         distinct = _first_occurrence(blocks.tokens, W).cpu()
         k = min(self.top_k, L)
         ranked = torch.where(distinct, block_logp, torch.full_like(block_logp, -math.inf))
         kept_logp, kept = ranked.topk(k, dim=1)  # duplicates (and missing blocks when < k distinct) get -inf
         flat = (torch.arange(W).unsqueeze(1) * L + kept).reshape(-1)
-        kept_rows = lm.take(blocks, flat.to(work.device))
+        kept_rows = blocks.take(flat.to(work.device))
         log_w, roll_cost = _rollouts(target, kept_rows, self.rollouts, self.horizon, generator)
         log_pi = power_conditional(kept_logp, log_w.view(W, k, self.rollouts), target.alpha, self.jackknife)
         choice = _sample_index(log_pi, generator)
         chosen = torch.arange(W) * k + choice
-        work = lm.take(kept_rows, chosen.to(work.device))
+        work = kept_rows.take(chosen.to(work.device))
         cost = _grouped_cost(draw_cost, W) + _grouped_cost(roll_cost, W)
         info = {"distinct_blocks": float(distinct.sum()), "groups": float(W)}
         return work, cost, info
@@ -457,7 +457,6 @@ class ScalablePowerSampler:
             level, ``mean_candidate_mass`` (average ``Σ_{top-K} p(v | h)``, 1 when the candidates cover p).
         """
         target = _check_target(target)
-        lm = target.lm
         work = target.empty(self.n)
         out = work.with_(cache=None)
         fields = {name: getattr(out, name).clone() for name in ("tokens", "length", "logp", "logq", "entropy", "logz")}
@@ -484,7 +483,7 @@ class ScalablePowerSampler:
                 keep = (~done).nonzero().flatten()
                 origin = origin[keep]
                 if keep.numel():
-                    work = lm.take(work, keep.to(work.device))
+                    work = work.take(keep.to(work.device))
                 else:
                     break
         fields["tokens"] = torch.where(out.positions() < fields["length"].unsqueeze(1), fields["tokens"], PAD)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from egps_ppl.models.base import Cost
+from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -80,7 +81,8 @@ class Kernel(ABC):
     """A Markov transition kernel that leaves ``target`` invariant: ``step(state, generator) -> (state, info)``.
 
     Kernels are pure functions of the state and the random generator: all chains advance in one batched call.
-    Subclasses set ``target`` and ``name`` and implement :meth:`step`; prove a new kernel correct with
+    Subclasses set ``target`` and ``name`` and implement :meth:`step`; kernels that propose with a token policy
+    other than the target's default override :attr:`policy`. Prove a new kernel correct with
     :func:`egps_ppl.testing.assert_invariant`.
 
     Attributes
@@ -111,12 +113,53 @@ class Kernel(ABC):
             The new chains and what the step did per chain.
         """
 
+    @property
+    def policy(self) -> PowerPolicy:
+        """The token policy the kernel proposes with (the target's q ∝ p^α unless set); chains start with their
+        ``logq`` under it."""
+        return self.__dict__.get("_policy") or self.target.default_policy()
+
+    @policy.setter
+    def policy(self, value: PowerPolicy) -> None:
+        self._policy = value
+
     def prepare(self, state: Sequences) -> tuple[Sequences, Cost]:
         """Bring a state into the form this kernel's ratios assume (e.g. ``logq`` under its policy)."""
         return state, Cost.zero(state.num_rows, state.device)
 
     def __repr__(self) -> str:
         return self.name
+
+
+def parts_name(prefix: str, selector: object, proposal: object, *extras: str) -> str:
+    """A kernel's display name: ``prefix``, with the parts that differ from the defaults in brackets.
+
+    Parameters
+    ----------
+    prefix : str
+        ``mh``, ``mtm``, ...
+    selector, proposal : object
+        Their ``name`` is shown unless it is ``uniform`` / ``suffix``.
+    *extras : str
+        Further settings to show (e.g. ``k=8``).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> class Site:
+    ...     name = "entropy"
+    >>> class Suffix:
+    ...     name = "suffix"
+    >>> parts_name("mh", Site(), Suffix()), parts_name("mtm", None, None, "k=8")
+    ('mh[entropy]', 'mtm[k=8]')
+    """
+    parts = [getattr(selector, "name", "uniform"), getattr(proposal, "name", "suffix")]
+    shown = [p for p, default in zip(parts, ("uniform", "suffix"), strict=True) if p != default]
+    shown += [e for e in extras if e]
+    return prefix + (f"[{','.join(shown)}]" if shown else "")
 
 
 def metropolis_accept(

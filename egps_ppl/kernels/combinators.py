@@ -8,6 +8,7 @@ import torch
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel, StepInfo
+from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.state import Sequences
 
 
@@ -34,6 +35,11 @@ class Cycle(Kernel):
         self.kernels = list(kernels)
         self.target = self.kernels[0].target
         self.name = "cycle(" + ",".join(k.name for k in self.kernels) + ")"
+
+    @property
+    def policy(self) -> PowerPolicy:
+        """The first kernel's policy (each part brings the state to its own before it moves)."""
+        return self.kernels[0].policy
 
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
         infos = []
@@ -67,7 +73,7 @@ class Mixture(Kernel):
     >>> from egps_ppl.target import PowerDistribution
     >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=5)
     >>> Mixture([MetropolisHastings(target), MultipleTryMetropolis(target)], [0.7, 0.3]).name
-    'mixture(mh[uniform]:0.7,mtm[uniform,k=4]:0.3)'
+    'mixture(mh:0.7,mtm:0.3)'
     """
 
     def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float] | None = None) -> None:
@@ -83,8 +89,12 @@ class Mixture(Kernel):
         self.target = self.kernels[0].target
         self.name = "mixture(" + ",".join(f"{k.name}:{w:g}" for k, w in zip(self.kernels, weights, strict=True)) + ")"
 
+    @property
+    def policy(self) -> PowerPolicy:
+        """The first kernel's policy (each part brings the state to its own before it moves)."""
+        return self.kernels[0].policy
+
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
-        lm = self.target.lm
         num = state.num_rows
         choice = torch.multinomial(self.weights, num, replacement=True, generator=generator).to(state.device)
         info = StepInfo.idle(num, state.device)
@@ -93,12 +103,12 @@ class Mixture(Kernel):
             rows = (choice == j).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            sub_state, sub_info = kernel.step(lm.take(state, rows), generator)
+            sub_state, sub_info = kernel.step(state.take(rows), generator)
             # Scatter back: every row of `spread` is some row of `sub_state`; only this kernel's rows are used.
             slot = torch.zeros(num, dtype=torch.long, device=state.device)
             slot[rows] = torch.arange(rows.numel(), device=state.device)
             mine = choice == j
-            result = lm.merge(mine, result, lm.take(sub_state, slot))
+            result = result.where(mine, sub_state.take(slot))
             info.accepted[rows] = sub_info.accepted
             info.accept_prob[rows] = sub_info.accept_prob
             info.cut[rows] = sub_info.cut

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from egps_ppl.errors import EGPSError
-from egps_ppl.kernels.base import Kernel, StepInfo, metropolis_accept
+from egps_ppl.kernels.base import Kernel, StepInfo, metropolis_accept, parts_name
+from egps_ppl.kernels.proposals import Proposal, SuffixProposal, Tries, WindowProposal
 from egps_ppl.kernels.sites import SiteSelector, UniformSite, sample_sites, site_log_prob
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
@@ -16,21 +17,19 @@ WEIGHTS = ("importance", "balanced")
 
 
 class MultipleTryMetropolis(Kernel):
-    """Draw ``num_tries`` suffixes from the cut, pick one by weight, accept with the MTM ratio.
+    """Draw ``num_tries`` proposals from the cut, pick one by weight, accept with the MTM ratio.
 
-    The suffix proposal depends only on the shared prefix, so it is of independent type. With importance
-    weights ``w(y) = π(y) / q(y)`` (the default; ``= Π Z_α`` over the new suffix at temperature 1/α):
+    Any :class:`~egps_ppl.kernels.proposals.Proposal` works. With importance weights
+    ``w(y, x) = π(y) / q(y | x)`` (the default; ``= Π Z_α`` over a new suffix at temperature 1/α) and a
+    cut ``i`` drawn with probability ``P_x(i)``:
 
-    ``r = P_y(i) Σ_j w(y_j) / (P_x(i) (Σ_{j≠J} w(y_j) + w(x)))``
+    ``r = P_y(i) Σ_j w(y_j, x) / (P_x(i) Σ_j w(x*_j, y))``
 
-    where ``P_x(i)`` is the selector's probability of the cut. With ``weights="balanced"`` the locally balanced
-    weights ``w(y, x) = sqrt(w(y) / w(x))`` (Gagnon, Maire & Zanella 2023) are used with ``num_tries - 1``
-    reference draws from the same prefix, and the ratio is ``Σ_j w(y_j, x) / Σ_j w(x*_j, y)`` with ``x*_k = x``.
-    With one try both reduce exactly to Metropolis–Hastings.
-
-    With ``local_width = W`` the tries resample only ``W`` tokens from the cut and keep the tail (rescored in
-    one batched pass), so a try costs ``W`` decode steps instead of ``n - i``. The move then stays in the class of
-    sequences that share x's prefix and its tail past the window; tries outside it get weight 0.
+    with reference points ``x*_1..x*_{k-1}`` drawn from ``q(· | y)`` and ``x*_k = x``. For an independent
+    proposal (``q(· | x) = q(· | y)``, e.g. suffix resampling) the other tries serve as the references, which
+    gives the classic ``Σ_j w(y_j) / (Σ_{j≠J} w(y_j) + w(x))`` at no extra cost. With ``weights="balanced"`` the
+    locally balanced weights ``w(y, x) = sqrt(π(y) q(x | y) / (π(x) q(y | x)))`` (Gagnon, Maire & Zanella 2023)
+    are used with ``k - 1`` reference draws from ``y``. With one try both reduce exactly to Metropolis–Hastings.
 
     Parameters
     ----------
@@ -40,19 +39,24 @@ class MultipleTryMetropolis(Kernel):
         ``k >= 1`` tries per step, drawn in one batch.
     selector : SiteSelector, optional
         Where to cut (default :class:`~egps_ppl.kernels.sites.UniformSite`).
+    proposal : Proposal, optional
+        What the tries are (default :class:`~egps_ppl.kernels.proposals.SuffixProposal` with ``policy``, or a
+        :class:`~egps_ppl.kernels.proposals.WindowProposal` of ``local_width`` tokens).
     policy : PowerPolicy, optional
-        Token policy of the tries (default the target's q ∝ p^α; ``egps`` uses ``PowerPolicy(1.0)``).
+        Token policy of the default proposal (the target's q ∝ p^α unless given). Not used with ``proposal``.
     weights : {"importance", "balanced"}
         MTM weight function.
     local_width : int, optional
-        Resample only this many tokens per try and keep the tail.
+        Shorthand for ``proposal=WindowProposal(policy, local_width)``: resample only this many tokens per try
+        and keep the tail. Not used with ``proposal``.
     name : str, optional
         Display name.
 
     Raises
     ------
     EGPSError
-        For ``num_tries < 1``, an unknown ``weights`` or ``local_width < 1``.
+        For ``num_tries < 1``, an unknown ``weights``, ``local_width < 1``, or ``proposal`` given together with
+        ``policy`` or ``local_width``.
 
     Examples
     --------
@@ -61,6 +65,8 @@ class MultipleTryMetropolis(Kernel):
     >>> from egps_ppl.target import PowerDistribution
     >>> target = PowerDistribution(random_markov(4, seed=0), [], alpha=4.0, max_new_tokens=6)
     >>> kernel = MultipleTryMetropolis(target, num_tries=8, selector=EntropyJumpSite(floor=1e-3), local_width=2)
+    >>> kernel.name
+    'mtm[entropy-jump,window,k=8]'
     >>> state, _ = target.sample_proposal(5, torch.Generator().manual_seed(0))
     >>> new_state, info = kernel.step(state, torch.Generator().manual_seed(1))
     >>> bool(((info.accept_prob >= 0) & (info.accept_prob <= 1)).all())
@@ -72,6 +78,7 @@ class MultipleTryMetropolis(Kernel):
         target: PowerDistribution,
         num_tries: int = 4,
         selector: SiteSelector | None = None,
+        proposal: Proposal | None = None,
         policy: PowerPolicy | None = None,
         weights: str = "importance",
         local_width: int | None = None,
@@ -81,109 +88,78 @@ class MultipleTryMetropolis(Kernel):
             raise EGPSError(f"num_tries must be an integer >= 1, got {num_tries!r}")
         if weights not in WEIGHTS:
             raise EGPSError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if proposal is not None and (policy is not None or local_width is not None):
+            raise EGPSError("give MultipleTryMetropolis either a proposal or policy/local_width, not both")
+        if local_width is not None and (isinstance(local_width, bool) or not isinstance(local_width, int)):
+            raise EGPSError(f"local_width must be an integer >= 1, got {local_width!r}")
         self.target = target
         self.num_tries = num_tries
         self.selector = selector or UniformSite()
-        self.policy = policy or target.default_policy()
+        policy = policy or target.default_policy()
+        if proposal is None:
+            proposal = SuffixProposal(policy) if local_width is None else WindowProposal(policy, local_width)
+        self.proposal = proposal
         self.weights = weights
-        if local_width is not None and (isinstance(local_width, bool) or int(local_width) < 1):
-            raise EGPSError(f"local_width must be an integer >= 1, got {local_width!r}")
-        self.local_width = local_width
-        self.name = name or f"mtm[{getattr(self.selector, 'name', 'site')},k={num_tries}]"
+        extras = ("" if num_tries == 4 else f"k={num_tries}", "" if weights == "importance" else weights)
+        self.name = name or parts_name("mtm", self.selector, self.proposal, *extras)
+
+    @property
+    def policy(self) -> PowerPolicy:
+        """The proposal's token policy."""
+        return self.proposal.policy
 
     def prepare(self, state: Sequences) -> tuple[Sequences, Cost]:
         return self.target.lm.with_policy(state, self.policy)
 
-    def _reach(self, state: Sequences, cut: torch.Tensor) -> torch.Tensor:
-        """End (exclusive) of the region a move from ``cut`` resamples in each row of ``state``."""
-        if self.local_width is None:
-            return state.length
-        return torch.minimum(cut + self.local_width, state.length)
-
-    def _draw(
-        self, state: Sequences, cut: torch.Tensor, count: int, generator: torch.Generator | None
-    ) -> tuple[Sequences, torch.Tensor, Cost]:
-        """``count`` tries per chain from each chain's cut (rows ``c*count .. c*count+count-1``) and their
-        log-weights ``log π(y) - log q(y | x)``."""
-        lm = self.target.lm
-        rows = torch.arange(state.num_rows, device=state.device).repeat_interleave(count)
-        base = lm.take(state, rows)
-        cut_r = cut[rows]
-        moving = cut_r >= 0
-        start = torch.where(moving, cut_r, base.length)
-        stop = torch.full_like(cut_r, state.limit)
-        if self.local_width is not None:
-            stop = torch.minimum(stop, cut_r + self.local_width)
-        drawn, cost = lm.extend(base, start, torch.where(moving, stop, base.length), generator)
-        log_q = drawn.total("logq", start)
-        valid = moving
-        if self.local_width is not None:
-            drawn, valid, rescored = self._keep_tails(base, drawn, cut_r, moving)
-            cost = cost + rescored
-        log_w = torch.where(valid, self.target.log_prob(drawn) - log_q, torch.full_like(log_q, -torch.inf))
-        per_chain = Cost(
-            cost.decode_tokens.view(-1, count).sum(1), cost.scored_tokens.view(-1, count).sum(1), cost.forward_calls
-        )
-        return drawn, log_w.view(-1, count), per_chain
-
-    def _keep_tails(
-        self, base: Sequences, drawn: Sequences, cut: torch.Tensor, moving: torch.Tensor
-    ) -> tuple[Sequences, torch.Tensor, Cost]:
-        """Local moves stay in the class of sequences that share x's prefix and its tail past the window.
-
-        If x has a tail, a try is valid when its window is full and has no EOS; the tail is spliced back and
-        rescored. If x has no tail, a try is valid when it ends (EOS or the limit) within the window. Invalid
-        tries get weight 0: the kernel is MTM on that class, which x and every valid try share.
-        """
-        end = cut + self.local_width
-        has_tail = base.length > end
-        full_window = (drawn.length == end) & ~drawn.finished()
-        ended = drawn.complete()
-        valid = moving & torch.where(has_tail, full_window, ended)
-        splice = valid & has_tail
-        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
-        spliced = drawn.with_(
-            tokens=torch.where(from_old, base.tokens, drawn.tokens),
-            length=torch.where(splice, base.length, drawn.length),
-        )
-        rescored, cost = self.target.lm.score(spliced, torch.where(splice, end, spliced.length))
-        return rescored, valid, cost
+    def _importance(self, tries: Tries) -> torch.Tensor:
+        """``float64[C, k]``: ``log w(y_j, x) = log π(y_j) - log q(y_j | x)``, ``-inf`` for invalid tries."""
+        log_pi = self.target.log_prob(tries.seqs).view(tries.log_q_forward.shape)
+        return torch.where(tries.valid, log_pi - tries.log_q_forward, torch.full_like(log_pi, -torch.inf))
 
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
-        lm, k = self.target.lm, self.num_tries
+        k = self.num_tries
         state, cost = self.prepare(state)
         site_lp = self.selector.log_probs(state)
         cut = sample_sites(site_lp, generator)
-        tries, log_w, drawn_cost = self._draw(state, cut, k, generator)
-        cost = cost + drawn_cost
-        start = cut.clamp(min=0)
+        tries = self.proposal.propose(self.target, state, cut, k, generator)
+        cost = cost + tries.cost
         current_lp = self.target.log_prob(state)
-        log_w_x = current_lp - state.total("logq", start, self._reach(state, start))
+        log_w = self._importance(tries)  # w(y_j, x)
+        log_w_back = current_lp.unsqueeze(1) - tries.log_q_reverse  # w(x, y_j) = π(x) / q(x | y_j)
         balanced = self.weights == "balanced"
-        select_w = 0.5 * log_w if balanced else log_w
+        select_w = 0.5 * (log_w - log_w_back) if balanced else log_w
         chosen_j = _pick(select_w, generator) if k > 1 else torch.zeros_like(cut)
-        log_w_y = log_w.gather(1, chosen_j.unsqueeze(1)).squeeze(1)
-        if balanced:
-            forward = torch.logsumexp(0.5 * log_w, 1) - 0.5 * log_w_x
-            if k > 1:
-                _, ref_w, ref_cost = self._draw(state, cut, k - 1, generator)
-                cost = cost + ref_cost
-                references = torch.cat([ref_w, log_w_x.unsqueeze(1)], 1)
+        chosen = tries.pick(chosen_j)
+
+        def at_j(values: torch.Tensor) -> torch.Tensor:
+            return values.gather(1, chosen_j.unsqueeze(1)).squeeze(1)
+
+        log_w_x = at_j(log_w_back)  # w(x, y)
+        if balanced or not self.proposal.independent:
+            if k > 1:  # k - 1 reference points drawn from y
+                refs = self.proposal.propose(self.target, chosen, cut, k - 1, generator)
+                cost = cost + refs.cost
+                ref_w = self._importance(refs)  # w(x*_j, y) = π(x*_j) / q(x*_j | y)
+                if balanced:  # divided by w(y, x*_j) = π(y) / q(y | x*_j)
+                    chosen_lp = self.target.log_prob(chosen).unsqueeze(1)
+                    ref_w = 0.5 * (ref_w - (chosen_lp - refs.log_q_reverse))
             else:
-                references = log_w_x.unsqueeze(1)
-            backward = torch.logsumexp(0.5 * references, 1) - 0.5 * log_w_y
-        else:
-            others = log_w.scatter(1, chosen_j.unsqueeze(1), log_w_x.unsqueeze(1))  # {y_j, j != J} and x
+                ref_w = log_w[:, :0]
+            if balanced:
+                log_w_x = 0.5 * (log_w_x - at_j(log_w))
+            forward = torch.logsumexp(select_w, 1)
+            backward = torch.logsumexp(torch.cat([ref_w, log_w_x.unsqueeze(1)], 1), 1)
+        else:  # the other tries are the references: {y_j, j != J} and x
+            others = log_w.scatter(1, chosen_j.unsqueeze(1), log_w_x.unsqueeze(1))
             forward, backward = torch.logsumexp(log_w, 1), torch.logsumexp(others, 1)
-        chosen = lm.take(tries, torch.arange(state.num_rows, device=state.device) * k + chosen_j)
         log_ratio = (
             forward - backward + site_log_prob(self.selector.log_probs(chosen), cut) - site_log_prob(site_lp, cut)
         )
-        log_ratio = torch.where(torch.isneginf(forward), torch.full_like(forward, -torch.inf), log_ratio)
         accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator)
-        accepted &= cut >= 0
-        accept_prob = torch.where(cut >= 0, accept_prob, torch.zeros_like(accept_prob))
-        new_state = lm.merge(accepted, state, chosen)
+        moved = at_j(tries.valid) & (cut >= 0)
+        accepted &= moved
+        accept_prob = torch.where(moved, accept_prob, torch.zeros_like(accept_prob))
+        new_state = state.where(accepted, chosen)
         return new_state, StepInfo.from_cost(accepted, accept_prob, cut, cost)
 
 

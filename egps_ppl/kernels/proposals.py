@@ -1,14 +1,29 @@
-"""Proposals: what replaces the sequence from the cut on.
+"""Proposals: what replaces the sequence from the cut on, as ``k`` tries per chain.
 
-A proposal returns the proposed batch with the forward and reverse proposal log-densities, so the correction
-(MH or MTM) never needs to know how the proposal works.
+One interface serves Metropolis–Hastings (one try) and Multiple-Try Metropolis (``k`` tries): a proposal
+returns its tries with ``log q(y | x)``, ``log q(x | y)`` and a validity mask, so no correction needs to know
+how a proposal works. A new scheme is written once and runs under both.
+
+Validity
+--------
+``valid[c, j]`` false means try ``j`` of chain ``c`` is not a candidate (it gets weight 0 in MTM and is rejected
+by MH). The relation must be symmetric: ``y`` is a valid try from ``x`` exactly when ``x`` is a valid try from
+``y``. A local move that must stay in a class of sequences (same prefix, same tail) expresses that this way.
+
+Independence
+------------
+``independent = True`` declares that ``q(· | x) = q(· | y)`` for every valid try ``y`` of ``x`` (the tries depend
+on ``x`` only through what ``y`` shares with it, e.g. the prefix before the cut). MTM then reuses the other
+tries as the reference points of the reverse move, which costs nothing; for other proposals it draws
+``k - 1`` reference tries from the chosen one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from numbers import Integral
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -20,36 +35,79 @@ from egps_ppl.target import PowerDistribution
 
 
 @dataclass
-class Proposed:
-    """A proposal for each chain: ``seqs`` with ``log q(x' | x)`` and ``log q(x | x')``.
+class Tries:
+    """``k`` proposals for each of ``C`` chains, drawn in one batch.
 
     Attributes
     ----------
     seqs : Sequences
-        The proposed sequences, scored.
+        ``C * k`` scored rows; the tries of chain ``c`` are rows ``c*k .. c*k + k - 1``.
     log_q_forward : torch.Tensor
-        ``float64[C]``, ``log q(x' | x)``.
+        ``float64[C, k]``, ``log q(y_j | x)``.
     log_q_reverse : torch.Tensor
-        ``float64[C]``, ``log q(x | x')``.
+        ``float64[C, k]``, ``log q(x | y_j)``.
+    valid : torch.Tensor
+        ``bool[C, k]``, which tries are candidates (see the module docstring).
     cost : Cost
-        What the proposal spent.
+        What the tries spent, per chain (summed over its ``k`` rows).
     """
 
     seqs: Sequences
     log_q_forward: torch.Tensor
     log_q_reverse: torch.Tensor
+    valid: torch.Tensor
     cost: Cost
 
+    @property
+    def num_tries(self) -> int:
+        """``k``, the tries per chain."""
+        return self.log_q_forward.shape[1]
 
+    def pick(self, index: torch.Tensor) -> Sequences:
+        """Try ``index[c]`` of every chain ``c`` as a ``C``-row batch (the cache follows the rows).
+
+        Parameters
+        ----------
+        index : torch.Tensor
+            ``long[C]``, one try per chain.
+
+        Returns
+        -------
+        Sequences
+        """
+        if self.num_tries == 1:
+            return self.seqs
+        rows = torch.arange(index.numel(), device=index.device) * self.num_tries + index
+        return self.seqs.take(rows)
+
+
+@runtime_checkable
 class Proposal(Protocol):
-    """``propose(target, state, cut, generator) -> Proposed``; ``policy`` is the token policy it samples with."""
+    """``propose(target, state, cut, num_tries, generator) -> Tries``.
+
+    Attributes
+    ----------
+    policy : PowerPolicy
+        The token policy the proposal samples with; the state's ``logq`` is kept under it.
+    name : str
+        Short name used in kernel names.
+    independent : bool
+        ``q(· | x)`` is the same for every valid try of ``x`` (see the module docstring).
+    """
 
     policy: PowerPolicy
+    name: str
+    independent: bool
 
     def propose(
-        self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
-    ) -> Proposed:
-        """Propose a new sequence for every chain from its cut.
+        self,
+        target: PowerDistribution,
+        state: Sequences,
+        cut: torch.Tensor,
+        num_tries: int,
+        generator: torch.Generator | None,
+    ) -> Tries:
+        """Propose ``num_tries`` new sequences for every chain from its cut.
 
         Parameters
         ----------
@@ -58,23 +116,61 @@ class Proposal(Protocol):
         state : Sequences
             The current chains, with statistics under ``self.policy``.
         cut : torch.Tensor
-            ``long[C]``, the cut of each chain; ``-1`` leaves the chain unchanged.
+            ``long[C]``, the cut of each chain; ``-1`` means no move (its tries are invalid).
+        num_tries : int
+            ``k >= 1``.
         generator : torch.Generator or None
             Source of randomness.
 
         Returns
         -------
-        Proposed
-            The proposals with ``log q(x' | x)``, ``log q(x | x')`` and the cost.
+        Tries
         """
         ...
+
+
+def replicate(state: Sequences, cut: torch.Tensor, num_tries: int) -> tuple[Sequences, torch.Tensor]:
+    """Each row of ``state`` (and its cut) repeated ``num_tries`` times, consecutively; no copy for one try.
+
+    Parameters
+    ----------
+    state : Sequences
+        ``C`` rows.
+    cut : torch.Tensor
+        ``long[C]``.
+    num_tries : int
+        ``k``.
+
+    Returns
+    -------
+    (Sequences, torch.Tensor)
+        ``C * k`` rows and their cuts.
+    """
+    if num_tries == 1:
+        return state, cut
+    rows = torch.arange(state.num_rows, device=state.device).repeat_interleave(num_tries)
+    return state.take(rows), cut[rows]
+
+
+def per_chain(cost: Cost, num_tries: int) -> Cost:
+    """A cost of ``C * k`` rows summed over each chain's ``k`` consecutive rows."""
+    return Cost(
+        cost.decode_tokens.view(-1, num_tries).sum(1),
+        cost.scored_tokens.view(-1, num_tries).sum(1),
+        cost.forward_calls,
+    )
+
+
+def _check_tries(num_tries: int) -> None:
+    if isinstance(num_tries, bool) or not isinstance(num_tries, int) or num_tries < 1:
+        raise EGPSError(f"num_tries must be an integer >= 1, got {num_tries!r}")
 
 
 class SuffixProposal:
     """Resample everything from the cut on from the token policy (default q ∝ p^α), up to the length limit.
 
-    ``log q(x' | x) = Σ_{t ≥ i} log q(x'_t | x'_<t)`` and the reverse is the same sum over the current suffix,
-    which the state already holds.
+    ``log q(y | x) = Σ_{t ≥ i} log q(y_t | y_<t)`` and ``log q(x | y)`` is the same sum over x's suffix, which
+    the state already holds. The tries depend on x only through its prefix, so the proposal is independent.
 
     Parameters
     ----------
@@ -83,40 +179,57 @@ class SuffixProposal:
     """
 
     name = "suffix"
+    independent = True
 
     def __init__(self, policy: PowerPolicy) -> None:
         self.policy = policy
 
     def propose(
-        self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
-    ) -> Proposed:
-        """Resample each chain from its cut to the end (see :meth:`Proposal.propose`)."""
-        start = cut.clamp(min=0)
-        # Rows without a site keep their whole sequence: extend from their length samples nothing new
-        # only if they are complete, so keep them unchanged by starting at their length and stopping there.
-        stop = torch.where(cut >= 0, torch.full_like(cut, state.limit), state.length)
-        start = torch.where(cut >= 0, start, state.length)
-        proposed, cost = target.lm.extend(state, start, stop, generator)
-        return Proposed(proposed, proposed.total("logq", start), state.total("logq", start), cost)
+        self,
+        target: PowerDistribution,
+        state: Sequences,
+        cut: torch.Tensor,
+        num_tries: int,
+        generator: torch.Generator | None,
+    ) -> Tries:
+        """Resample each chain from its cut to the end, ``num_tries`` times (see :meth:`Proposal.propose`)."""
+        _check_tries(num_tries)
+        base, cut_r = replicate(state, cut, num_tries)
+        moving = cut_r >= 0
+        # Rows without a site sample nothing: they start and stop at their own length.
+        start = torch.where(moving, cut_r, base.length)
+        stop = torch.where(moving, torch.full_like(cut_r, state.limit), base.length)
+        drawn, cost = target.lm.extend(base, start, stop, generator)
+        start_x = torch.where(cut >= 0, cut, state.length)
+        shape = (state.num_rows, num_tries)
+        return Tries(
+            seqs=drawn,
+            log_q_forward=drawn.total("logq", start).view(shape),
+            log_q_reverse=state.total("logq", start_x).unsqueeze(1).expand(shape),
+            valid=(cut >= 0).unsqueeze(1).expand(shape),
+            cost=per_chain(cost, num_tries),
+        )
 
     def __repr__(self) -> str:
         return f"SuffixProposal({self.policy.describe()})"
 
 
 class WindowProposal:
-    """Resample a window of ``W`` tokens from the cut and keep the tail (a local move).
+    """Resample a window of ``W`` tokens from the cut and keep the tail: a local move.
 
-    For a cut ``i`` in a sequence of length ``n``:
+    For a cut ``i`` in ``x`` of length ``n``, the move stays in the class of sequences that share x's prefix
+    before ``i`` and its tail from ``i + W`` on:
 
-    * if ``n > i + W`` (there is a tail), positions ``i .. i+W-1`` are resampled from the policy and the old
-      tail is kept and rescored in one batched pass (its conditionals changed, so its log p enters π); if the
-      new window ends in EOS the tail is dropped;
-    * otherwise the move resamples the whole suffix (as :class:`SuffixProposal`), since there is no tail.
+    * if x has a tail (``n > i + W``), a try resamples positions ``i .. i+W-1`` from the policy and is valid
+      when the window is full and has no EOS; x's tail is spliced back and rescored in one batched pass (its
+      conditionals changed, so its log p enters π);
+    * otherwise a try resamples at most ``W`` tokens and is valid when it ends (EOS, or the length limit)
+      within them.
 
-    The reverse move from ``x'`` applies the same rule, so the reverse density is the policy's density of the
-    first ``min(W, n - i)`` tokens of ``x`` from ``i`` when ``x'`` has a tail, else of its whole suffix. ``W``
-    is drawn per move from ``widths`` (with ``weights``) independently of the state, so the width needs no
-    correction term. A tail that the new window makes impossible gets log p = -inf and is rejected.
+    Both x and every valid try belong to the same class, and the tries depend on x only through what the class
+    shares, so the proposal is independent: ``log q(x | y)`` is the policy's density of x's own window. ``W`` is
+    drawn per chain and step from ``widths`` (with ``weights``) independently of the state, and shared by that
+    chain's tries, so it needs no correction term.
 
     Parameters
     ----------
@@ -134,46 +247,64 @@ class WindowProposal:
     """
 
     name = "window"
+    independent = True
 
     def __init__(
         self, policy: PowerPolicy, widths: int | Sequence[int] = 8, weights: Sequence[float] | None = None
     ) -> None:
         self.policy = policy
-        self.widths = torch.as_tensor([widths] if isinstance(widths, int) else list(widths), dtype=torch.long)
+        listed = [widths] if isinstance(widths, Integral) else list(widths)
+        if not all(isinstance(w, Integral) and not isinstance(w, bool) for w in listed):
+            raise EGPSError(f"window widths must be integers >= 1, got {widths!r}")
+        self.widths = torch.as_tensor([int(w) for w in listed], dtype=torch.long)
         if self.widths.numel() == 0 or (self.widths < 1).any():
             raise EGPSError(f"window widths must be integers >= 1, got {widths!r}")
         w = torch.ones(len(self.widths)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != self.widths.shape or (w < 0).any() or w.sum() <= 0:
-            raise EGPSError("window weights must be >= 0, one per width, not all 0")
+        if w.shape != self.widths.shape or not bool(torch.isfinite(w).all()) or (w < 0).any() or w.sum() <= 0:
+            raise EGPSError("window weights must be finite, >= 0, one per width, not all 0")
         self.weights = w.double() / w.sum()
 
     def propose(
-        self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, generator: torch.Generator | None
-    ) -> Proposed:
-        """Resample each chain's window after its cut and rescore the kept tail (see :meth:`Proposal.propose`)."""
+        self,
+        target: PowerDistribution,
+        state: Sequences,
+        cut: torch.Tensor,
+        num_tries: int,
+        generator: torch.Generator | None,
+    ) -> Tries:
+        """Resample each chain's window after its cut ``num_tries`` times and rescore the kept tail."""
+        _check_tries(num_tries)
         lm = target.lm
         pick = torch.multinomial(self.weights, state.num_rows, replacement=True, generator=generator)
         width = self.widths[pick].to(state.device)
-        moving = cut >= 0
-        start = torch.where(moving, cut, state.length)
-        has_tail = moving & (state.length > cut + width)
-        stop = torch.where(has_tail, cut + width, torch.where(moving, torch.full_like(cut, state.limit), state.length))
-        window, cost = lm.extend(state, start, stop, generator)
-        forward = window.total("logq", start)
-        # Rows whose full window did not end in EOS take back their old tail, which is rescored.
-        splice = has_tail & (window.length == cut + width) & ~window.finished()
-        positions = state.positions()
-        from_old = splice.unsqueeze(1) & (positions >= (cut + width).unsqueeze(1))
-        spliced = window.with_(
-            tokens=torch.where(from_old, state.tokens, window.tokens),
-            length=torch.where(splice, state.length, window.length),
+        base, cut_r = replicate(state, cut, num_tries)
+        end = cut_r + (width.repeat_interleave(num_tries) if num_tries > 1 else width)
+        moving = cut_r >= 0
+        start = torch.where(moving, cut_r, base.length)
+        has_tail = base.length > end
+        stop = torch.where(moving, end.clamp(max=state.limit), base.length)
+        drawn, cost = lm.extend(base, start, stop, generator)
+        forward = drawn.total("logq", start)
+        full_window = (drawn.length == end) & ~drawn.finished()
+        valid = moving & torch.where(has_tail, full_window, drawn.complete())
+        # Valid tries of a chain with a tail take that tail back; it is rescored under the new window.
+        splice = valid & has_tail
+        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
+        spliced = drawn.with_(
+            tokens=torch.where(from_old, base.tokens, drawn.tokens),
+            length=torch.where(splice, base.length, drawn.length),
         )
-        proposed, rescored = lm.score(spliced, torch.where(splice, cut + width, spliced.length))
-        reverse_count = torch.where(
-            proposed.length > cut + width, torch.minimum(width, state.length - start), state.length - start
+        proposed, rescored = lm.score(spliced, torch.where(splice, end, spliced.length))
+        start_x = torch.where(cut >= 0, cut, state.length)
+        reverse = state.total("logq", start_x, start_x + width)
+        shape = (state.num_rows, num_tries)
+        return Tries(
+            seqs=proposed,
+            log_q_forward=forward.view(shape),
+            log_q_reverse=reverse.unsqueeze(1).expand(shape),
+            valid=valid.view(shape),
+            cost=per_chain(cost + rescored, num_tries),
         )
-        reverse = state.total("logq", start, start + reverse_count)
-        return Proposed(proposed, forward, reverse, cost + rescored)
 
     def __repr__(self) -> str:
         return f"WindowProposal({self.policy.describe()}, widths={self.widths.tolist()})"

@@ -155,8 +155,9 @@ class LanguageModel(ABC):
     """A next-token distribution with batched sampling and scoring.
 
     Subclasses set ``name``, ``vocab_size``, ``eos_token_id`` and ``context_length`` (``None`` if unbounded),
-    and implement :meth:`extend` and :meth:`score`. Backends with a cache override :meth:`merge` and
-    :meth:`take` to carry it along.
+    and implement :meth:`extend` and :meth:`score`. A backend that keeps a cache (e.g. of keys and values) stores
+    it in ``Sequences.cache`` as a :class:`~egps_ppl.state.RowCache`, so rows selected or merged by
+    ``Sequences.take`` / ``Sequences.where`` carry it along.
     """
 
     name: str = "model"
@@ -173,6 +174,23 @@ class LanguageModel(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (backends without a tokenizer join the ids with spaces)."""
         return " ".join(str(i) for i in ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether :meth:`encode_chat` can wrap messages in a chat template (``False`` for backends without one)."""
+        return False
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of chat ``messages`` (``{"role": ..., "content": ...}`` dicts) through the model's chat
+        template, ending where the assistant's reply starts.
+
+        Raises
+        ------
+        EGPSError
+            When the model has no chat template (see :attr:`has_chat_template`): encode the text with
+            :meth:`encode` instead.
+        """
+        raise EGPSError(f"model {self.name!r} has no chat template; encode the prompt as plain text (--no-chat)")
 
     # ------------------------------------------------------------ batches
     def start(
@@ -310,14 +328,6 @@ class LanguageModel(ABC):
             If the backend does not expose full distributions.
         """
         raise EGPSError(f"backend {type(self).__name__} does not expose full next-token distributions")
-
-    def merge(self, take_other: torch.Tensor, current: Sequences, other: Sequences) -> Sequences:
-        """Row-wise choice between ``current`` and ``other`` (a proposal derived from it)."""
-        return current.where(take_other, other, cache=None)
-
-    def take(self, seqs: Sequences, index: torch.Tensor) -> Sequences:
-        """Rows ``index`` of ``seqs`` (repeats allowed)."""
-        return seqs.take(index, cache=None)
 
     # ------------------------------------------------------------ helpers for subclasses
     @staticmethod

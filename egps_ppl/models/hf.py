@@ -11,8 +11,9 @@ tokens are appended as new slots. Hence
   completion costs ``n - i`` decode steps plus one re-fed token;
 * rows decode in lock-step; rows that are done feed a dummy token whose slot is recorded invalid;
 * ``score`` feeds each row's tokens from its start in one call (rows right-padded);
-* ``merge`` after an accept/reject only swaps ``slot_pos`` rows when the proposal's pool descends from the
-  current one (else copies each row from its side), and ``take`` selects rows of the pool.
+* ``Sequences.where`` after an accept/reject only swaps ``slot_pos`` rows when the proposal's pool descends from
+  the current one (else copies each row from its side), and ``Sequences.take`` selects rows of the pool (the
+  pool is the batch's :class:`~egps_ppl.state.RowCache`).
 
 Invariant of a pool attached to ``Sequences``: the valid slots of row ``c`` hold positions ``0..m_c-1`` of
 ``prompt + tokens[c]`` exactly once, computed with exactly that prefix as context (normally ``m_c`` is
@@ -26,6 +27,7 @@ recomputed, never trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import warnings
@@ -124,7 +126,7 @@ class HFModel(LanguageModel):
     chunk_size:
         Most tokens per row fed in one forward call when teacher forcing (longer chunks are split).
     compact_below:
-        After ``merge``/``take``, compact the pool when every row uses at most this fraction of its slots
+        After ``Sequences.where``/``take``, compact the pool when every row uses at most this fraction of its slots
         (``0`` never compacts; ``1`` compacts whenever no row uses all slots).
     """
 
@@ -269,6 +271,21 @@ class HFModel(LanguageModel):
         if self.tokenizer is None:
             return super().decode(ids)
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template."""
+        return self.tokenizer is not None and bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, with the generation prompt (the
+        assistant's turn) appended; an :class:`~egps_ppl.errors.EGPSError` when there is no template."""
+        if not self.has_chat_template:
+            return super().encode_chat(messages)
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys") and "input_ids" in ids:
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
     # ------------------------------------------------------------ forward machinery
     def _dynamic_cache(self, pool: KVPool) -> Any:
@@ -428,7 +445,9 @@ class HFModel(LanguageModel):
             raise EGPSError(f"token ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
 
     def _finish_pool(self, pool: KVPool) -> KVPool | None:
-        return pool.snapshotted() if self.reuse_cache else None
+        if not self.reuse_cache:
+            return None
+        return dataclasses.replace(pool.snapshotted(), compact_below=self.compact_below)
 
     # ------------------------------------------------------------ protocol
     def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> KVPool | None:
@@ -450,7 +469,8 @@ class HFModel(LanguageModel):
             one = self._feed(KVPool.empty(1, self.device), full, lo, hi, PowerPolicy(), P, 0).pool
             self._prompt_memo = (key, one)
         if one.num_slots == 0:
-            return KVPool.empty(num_rows, self.device).snapshotted()
+            empty = KVPool.empty(num_rows, self.device)
+            return dataclasses.replace(empty, compact_below=self.compact_below).snapshotted()
         index = torch.zeros(num_rows, dtype=torch.long, device=self.device)
         pool = KVPool(
             tuple(k.expand(num_rows, -1, -1, -1) for k in one.keys),
@@ -458,6 +478,7 @@ class HFModel(LanguageModel):
             one.slot_pos.index_select(0, index),
             one.slot_tok.index_select(0, index),
             (),
+            self.compact_below,
         )
         return pool.snapshotted()
 
@@ -610,29 +631,6 @@ class HFModel(LanguageModel):
             cache=self._finish_pool(fed.pool),
         )
         return result, Cost(torch.zeros_like(length), (hi - lo).clamp(min=0), fed.calls)
-
-    def merge(self, take_other: torch.Tensor, current: Sequences, other: Sequences) -> Sequences:
-        """Row-wise choice between ``current`` and ``other`` (a proposal derived from it), pool included.
-
-        When ``other``'s pool descends row-wise from ``current``'s, its tensors are reused and only the rows'
-        ``slot_pos`` are chosen; otherwise each row's slots are copied from its side into a fresh pool. The result
-        is then compacted if most slots are unused.
-        """
-        take_other = torch.as_tensor(take_other, dtype=torch.bool, device=current.device)
-        pool = None
-        if self.reuse_cache and (current.cache is not None or other.cache is not None):
-            cur = current.cache if current.cache is not None else KVPool.empty(current.num_rows, self.device)
-            oth = other.cache if other.cache is not None else KVPool.empty(other.num_rows, self.device)
-            pool = KVPool.merge(take_other, cur, oth).maybe_compact(self.compact_below)
-        return current.where(take_other, other, cache=pool)
-
-    def take(self, seqs: Sequences, index: torch.Tensor) -> Sequences:
-        """Rows ``index`` of ``seqs`` (repeats allowed), selecting the pool's rows too (compacted if mostly unused)."""
-        index = torch.as_tensor(index, dtype=torch.long, device=seqs.device)
-        pool = None
-        if self.reuse_cache and isinstance(seqs.cache, KVPool):
-            pool = seqs.cache.take(index).maybe_compact(self.compact_below)
-        return seqs.take(index, cache=pool)
 
     def compact(self, seqs: Sequences) -> Sequences:
         """``seqs`` with its pool compacted (each row's valid slots gathered, sorted by position)."""

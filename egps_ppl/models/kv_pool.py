@@ -54,6 +54,15 @@ class KVPool:
         that a pool still matches the tokens of a row before it is reused (a stale pool is then cut, never trusted).
     history:
         Lineage snapshots, oldest first (see the module docstring).
+    compact_below:
+        After :meth:`take` and :meth:`where`, compact the pool when every row uses at most this fraction of its
+        slots (set by the backend; 0 compacts only pools with no valid slot left).
+
+    Notes
+    -----
+    A pool is the ``cache`` of :class:`~egps_ppl.state.Sequences`: it implements the
+    :class:`~egps_ppl.state.RowCache` protocol (:meth:`take`, :meth:`where`), so rows selected or merged
+    through ``Sequences.take`` / ``Sequences.where`` carry their slots along.
     """
 
     keys: tuple[torch.Tensor, ...]
@@ -61,6 +70,7 @@ class KVPool:
     slot_pos: torch.Tensor
     slot_tok: torch.Tensor
     history: tuple[Snapshot, ...] = ()
+    compact_below: float = 0.0
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -111,6 +121,7 @@ class KVPool:
             torch.cat([self.slot_pos, new_pos], 1),
             torch.cat([self.slot_tok, new_tok], 1),
             self.history,
+            self.compact_below,
         )
 
     def snapshotted(self) -> KVPool:
@@ -151,9 +162,22 @@ class KVPool:
         have.scatter_(1, torch.where(ok, pos, torch.full_like(pos, width)), ok)
         return have[:, :width].long().cumprod(1).sum(1)
 
-    # ----------------------------------------------------------------- batch edits
+    # ----------------------------------------------------------------- the RowCache protocol
     def take(self, index: torch.Tensor) -> KVPool:
-        """Rows ``index`` (repeats allowed)."""
+        """Rows ``index`` (repeats allowed), compacted if mostly unused (see ``compact_below``)."""
+        return self.rows(index).maybe_compact(self.compact_below)
+
+    def where(self, take_other: torch.Tensor, other: KVPool | None) -> KVPool:
+        """Row-wise choice (``other``'s rows where ``take_other``) by :meth:`merge`, compacted if mostly unused.
+
+        ``other = None`` stands for a pool with no slots.
+        """
+        other = other if other is not None else KVPool.empty(self.num_rows, self.device)
+        return KVPool.merge(torch.as_tensor(take_other), self, other).maybe_compact(self.compact_below)
+
+    # ----------------------------------------------------------------- batch edits
+    def rows(self, index: torch.Tensor) -> KVPool:
+        """Rows ``index`` (repeats allowed), never compacted."""
         idx = index.to(self.device)
         cpu_idx = index.cpu()
         return KVPool(
@@ -162,6 +186,7 @@ class KVPool:
             self.slot_pos.index_select(0, idx),
             self.slot_tok.index_select(0, idx),
             tuple(Snapshot(s.uid, s.size, s.rows[cpu_idx]) for s in self.history),
+            self.compact_below,
         )
 
     def descends_from(self, current: KVPool, rows: torch.Tensor) -> bool:
@@ -222,7 +247,7 @@ class KVPool:
         slot_tok = torch.where(choose.unsqueeze(1), oth_tok, cur_tok)
         template = current.keys or other.keys
         if not template:
-            return KVPool((), (), slot_pos, slot_tok, ()).snapshotted()
+            return KVPool((), (), slot_pos, slot_tok, (), current.compact_below).snapshotted()
 
         def pick(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
             ref = template[i]
@@ -235,7 +260,7 @@ class KVPool:
 
         keys = tuple(pick(current.keys, other.keys, i) for i in range(len(template)))
         values = tuple(pick(current.values, other.values, i) for i in range(len(template)))
-        return KVPool(keys, values, slot_pos, slot_tok, ()).snapshotted()
+        return KVPool(keys, values, slot_pos, slot_tok, (), current.compact_below).snapshotted()
 
     # ----------------------------------------------------------------- compaction
     def wasted(self, threshold: float) -> bool:
@@ -261,13 +286,14 @@ class KVPool:
             return t.gather(2, index.expand(t.shape[0], t.shape[1], width, t.shape[3]))
 
         if width == 0:
-            return KVPool.empty(self.num_rows, self.device)
+            return replace(KVPool.empty(self.num_rows, self.device), compact_below=self.compact_below)
         pool = KVPool(
             tuple(gather(k) for k in self.keys),
             tuple(gather(v) for v in self.values),
             slot_pos,
             slot_tok,
             (),
+            self.compact_below,
         )
         return replace(pool, history=pool._snapshot())
 

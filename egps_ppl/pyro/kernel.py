@@ -2,6 +2,7 @@
 
 >>> import pyro
 >>> from pyro.infer import MCMC
+>>> from egps_ppl.pyro import PyroKernel
 >>> from egps_ppl.kernels import MetropolisHastings
 >>> from egps_ppl.models.testbeds import random_markov
 >>> from egps_ppl.target import PowerDistribution
@@ -26,7 +27,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel, StepInfo
-from egps_ppl.pyro_model import SITE, PowerPotential, completion_mask, power_model
+from egps_ppl.pyro.model import SITE, PowerPotential, completion_mask, power_model
 from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -36,7 +37,7 @@ class PyroKernel(MCMCKernel):
 
     ``pyro.infer.MCMC(PyroKernel(kernel), num_samples=..., warmup_steps=...).run()`` then samples the power
     distribution with Pyro's runner: ``get_samples()["x"]`` is a ``LongTensor[num_samples, T]`` of completions
-    padded with ``-1`` (the value format of :class:`egps_ppl.pyro_model.SequenceDistribution`).
+    padded with ``-1`` (the value format of :class:`egps_ppl.pyro.model.SequenceDistribution`).
 
     The adapter keeps the kernel's chain state (a one-row :class:`Sequences` with its per-token statistics and
     backend cache) between ``sample`` calls and only rescores when Pyro hands back parameters that differ from
@@ -59,9 +60,9 @@ class PyroKernel(MCMCKernel):
     Attributes
     ----------
     model:
-        The Pyro model of the target (:func:`egps_ppl.pyro_model.power_model`), for Pyro utilities that want one.
+        The Pyro model of the target (:func:`egps_ppl.pyro.model.power_model`), for Pyro utilities that want one.
     potential_fn:
-        Its potential through Pyro's poutine (:func:`egps_ppl.pyro_model.potential_fn`).
+        Its potential through Pyro's poutine (:func:`egps_ppl.pyro.model.potential_fn`).
     transforms:
         ``{}``: the site is discrete, so there is no transform to unconstrained space.
     state:

@@ -53,7 +53,7 @@ from egps_ppl.errors import EGPSError, check_alpha, check_positive_int
 from egps_ppl.models.base import LanguageModel, next_token_stats
 from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.state import Sequences
+from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
 
 __all__ = [
@@ -121,45 +121,42 @@ def myopic_divergence(log_p: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def next_token_log_probs(
-    lm: LanguageModel, prompt: Sequence[int] | torch.Tensor, completion: Sequence[int] | torch.Tensor
+    lm: LanguageModel,
+    prompt: Sequence[int] | torch.Tensor,
+    completion: Sequence[int] | torch.Tensor,
+    chunk: int = 16,
 ) -> torch.Tensor:
     """Full base conditionals along a completion: row ``t`` is ``log p(. | prompt, x_<t)``, ``float64[n, V]``.
 
-    The backend protocol only returns per-token statistics, so this reads the full distributions from the two
-    backends that have them: a :class:`~egps_ppl.models.markov.MarkovLM` (its table) and a transformers model
-    (:class:`~egps_ppl.models.hf.HFModel`: one teacher-forced forward pass, log-softmax in float32).
+    Read through the backend protocol (:meth:`~egps_ppl.models.base.LanguageModel.next_token_logprobs` on the
+    ``n`` prefixes of the completion, in chunks of ``chunk`` rows), so any backend that exposes full
+    distributions works.
 
     Raises
     ------
     EGPSError
-        For another backend, an empty completion, or a sequence longer than the context window.
+        For a backend without full distributions, an empty completion, or a sequence longer than the context
+        window.
     """
     ids = _as_ids(completion, "completion")
     if ids.numel() == 0:
         raise EGPSError("the completion is empty: there is no position to analyse")
     prompt_ids = _as_ids(prompt, "prompt")
-    if isinstance(lm, MarkovLM):
-        first = int(prompt_ids[-1]) if prompt_ids.numel() else lm.vocab_size  # row V: empty-prompt start
-        states = torch.cat([torch.tensor([first]), ids[:-1]])
-        return lm.log_table.index_select(0, states).double()
-    model = getattr(lm, "model", None)
-    if model is None or not callable(model):
-        raise EGPSError(
-            f"model {getattr(lm, 'name', lm)!r} does not expose full next-token distributions; the divergence "
-            "analysis supports Markov models and transformers models"
-        )
-    if prompt_ids.numel() == 0:
+    if lm.requires_prompt and prompt_ids.numel() == 0:
         raise EGPSError(f"model {lm.name!r} needs a non-empty prompt")
-    full = torch.cat([prompt_ids, ids[:-1]])
-    ctx = getattr(lm, "context_length", None)
-    if ctx is not None and full.numel() > ctx:
-        raise EGPSError(f"prompt + completion ({full.numel() + 1} tokens) exceed the context window ({ctx})")
-    device = getattr(lm, "device", "cpu")
-    with torch.no_grad():
-        logits = model(input_ids=full.unsqueeze(0).to(device), use_cache=False).logits[0]
-    P = prompt_ids.numel()
-    # Logits at input position P-1+t predict completion token t.
-    return torch.log_softmax(logits[P - 1 :].float(), dim=-1).double().cpu()
+    n = ids.numel()
+    ctx = lm.context_length
+    if ctx is not None and prompt_ids.numel() + n - 1 > ctx:
+        raise EGPSError(f"prompt + completion ({prompt_ids.numel() + n} tokens) exceed the context window ({ctx})")
+    rows = []
+    for lo in range(0, n, chunk):
+        lengths = torch.arange(lo, min(lo + chunk, n))
+        seqs = lm.start(prompt_ids, lengths.numel(), n, PowerPolicy(1.0))
+        keep = seqs.positions() < lengths.unsqueeze(1)
+        tokens = torch.where(keep, ids.unsqueeze(0).to(seqs.device), torch.full_like(seqs.tokens, PAD))
+        logp, _, _ = lm.next_token_logprobs(seqs.with_(tokens=tokens, length=lengths.to(seqs.device)))
+        rows.append(logp)
+    return torch.cat(rows).double().cpu()
 
 
 def rollout_divergence(
@@ -233,7 +230,7 @@ def rollout_divergence(
         if not bool(alive.any()):
             continue
         pos, lp, cand = pos[alive], lp[alive], candidates[pos[alive]]
-        prefixes = target.lm.take(seqs, torch.zeros(pos.numel(), dtype=torch.long)).truncated(pos)
+        prefixes = seqs.take(torch.zeros(pos.numel(), dtype=torch.long)).truncated(pos)
         log_w, step_cost = rollout_log_weights(target, prefixes, cand, rollouts, horizon, generator)
         totals["decode_tokens"] += int(step_cost.decode_tokens.sum())
         totals["scored_tokens"] += int(step_cost.scored_tokens.sum())
@@ -703,11 +700,11 @@ def plot_divergence_profile(
     pathlib.Path
         ``path``.
     """
-    from egps_ppl.diagnostics.plots import _new_figure, _save
+    from egps_ppl.diagnostics.plots import new_figure, save_figure
 
     mask = high_divergence_mask(profile.divergence, fraction)
     x = np.arange(profile.length)
-    fig, (ax_h, ax_d) = _new_figure(2, height_per_row=2.6)
+    fig, (ax_h, ax_d) = new_figure(2, height_per_row=2.6)
     ax_h.plot(x, profile.entropy, color="C0", lw=1.2, label="entropy $H_t$")
     ax_h.plot(x[mask], profile.entropy[mask], "o", color="C3", ms=4, label=f"top {fraction:.0%} by $D_t$")
     ax_h.set_ylabel("entropy (nats)")
@@ -737,20 +734,20 @@ def plot_divergence_profile(
             f"Spearman(D, H) {'n/a' if rho is None else f'{rho:.2f}'}"
         )
     ax_h.set_title(title, fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_divergence_vs_entropy(
     profiles: Sequence[DivergenceProfile], path: str | os.PathLike[str], title: str | None = None
 ) -> Path:
     """Scatter of ``D_t`` against ``H_t`` over all positions of all profiles (symlog divergence axis)."""
-    from egps_ppl.diagnostics.plots import _new_figure, _save
+    from egps_ppl.diagnostics.plots import new_figure, save_figure
 
     if not profiles:
         raise EGPSError("no divergence profiles to plot")
     D = np.concatenate([p.divergence for p in profiles])
     H = np.concatenate([p.entropy for p in profiles])
-    fig, (ax,) = _new_figure(1, height_per_row=4.0)
+    fig, (ax,) = new_figure(1, height_per_row=4.0)
     ax.scatter(H, D, s=6, alpha=0.5, color="C1", lw=0)
     positive = D[D > 0]
     ax.set_yscale("symlog", linthresh=float(np.quantile(positive, 0.1)) if positive.size else 1e-3)
@@ -761,7 +758,7 @@ def plot_divergence_vs_entropy(
         rho = "n/a" if c["spearman"] is None else f"{c['spearman']:.2f}"
         title = f"divergence vs entropy over {D.size} positions ({len(profiles)} completions): Spearman {rho}"
     ax.set_title(title, fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ================================================================================================ run folder
