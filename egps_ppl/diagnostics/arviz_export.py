@@ -2,11 +2,17 @@
 
 ``posterior`` holds ``tokens[chain, draw, position]`` (int64, padded with -1), ``length[chain, draw]`` and
 ``log_p[chain, draw]``; ``sample_stats`` holds ``lp``, ``acceptance_rate``, ``is_accepted``, ``cut_position``,
-``decode_tokens``, ``scored_tokens`` and any further per-draw statistic. Run attributes go on both groups.
+``decode_tokens``, ``scored_tokens`` and any further per-draw statistic, and, where the run recorded them (the
+MCMC runner does), the per-position ``token_logp[chain, draw, position]`` (log p(x_t | x_<t)) and
+``entropy[chain, draw, position]`` (entropy of p(. | x_<t), nats), float64 with NaN past each draw's length.
+They sit in ``sample_stats``, not ``posterior``, so that ``arviz.summary`` and the plots of the posterior do not
+compute a diagnostic for every position. Run attributes go on both groups.
 
-With ArviZ < 1.0 the container is an :class:`arviz.InferenceData`; with ArviZ >= 1.0 it is an
-:class:`xarray.DataTree` (ArviZ 1.x's data structure). Only :func:`uses_datatree` and
-:func:`_make_container` look at the version; everything else goes through :func:`group_dataset`.
+Supported ArviZ: 0.2x (>= 0.20) and 1.x (tested with 1.3). With ArviZ < 1.0 the container is an
+:class:`arviz.InferenceData`; with ArviZ >= 1.0 it is an :class:`xarray.DataTree` (ArviZ 1.x's data structure).
+Only :func:`uses_datatree`, :func:`_make_container` and :func:`_is_inference_data` look at the version;
+everything else goes through :func:`group_dataset`. Files are read and written with h5netcdf and h5py (declared
+dependencies of egps_ppl: ArviZ 1.x no longer installs h5py).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ with warnings.catch_warnings():
 
 __all__ = [
     "PAD",
+    "POSITION_STATS",
     "POSTERIOR_DTYPES",
     "SAMPLE_STATS_DTYPES",
     "group_dataset",
@@ -59,6 +66,10 @@ SAMPLE_STATS_DTYPES: dict[str, type] = {
 }
 """Required sample statistics and their dtypes; other [chain, draw, ...] arrays pass through unchanged."""
 
+POSITION_STATS: tuple[str, ...] = ("token_logp", "entropy")
+"""Optional per-position sample statistics ``[chain, draw, position]``: stored as float64 on the ``position``
+dimension of ``tokens``, NaN at and past each draw's ``length``."""
+
 _ENGINE = "h5netcdf"
 
 
@@ -81,18 +92,29 @@ def _make_container(groups: Mapping[str, xr.Dataset], attrs: Mapping[str, Any] |
 
 
 # --------------------------------------------------------------------------- reading groups from either container
+def _is_datatree(data: Any) -> bool:
+    datatree = getattr(xr, "DataTree", None)  # xarray >= 2024.10
+    return datatree is not None and isinstance(data, datatree)
+
+
 def _is_inference_data(data: Any) -> bool:
-    # ArviZ 1.x has no InferenceData class at all, so look it up instead of naming it.
+    """True for an ArviZ 0.x InferenceData, never for a DataTree.
+
+    Since ArviZ 1.1, ``az.InferenceData`` is ``xarray.DataTree`` itself (with a MigrationWarning), so the
+    DataTree test must come first, and the name is looked up only on ArviZ 0.x.
+    """
+    if _is_datatree(data) or uses_datatree():
+        return False
     inference_data = getattr(az, "InferenceData", None)
     return inference_data is not None and isinstance(data, inference_data)
 
 
 def group_names(data: Any) -> list[str]:
     """Return the group names of an InferenceData or DataTree (e.g. ``["posterior", "sample_stats"]``)."""
+    if _is_datatree(data):
+        return list(data.children)
     if _is_inference_data(data):
         return list(data.groups())
-    if hasattr(xr, "DataTree") and isinstance(data, xr.DataTree):
-        return list(data.children)
     raise EGPSError(f"expected ArviZ InferenceData or xarray DataTree, got {type(data).__name__}")
 
 
@@ -116,9 +138,9 @@ def group_dataset(data: Any, group: str) -> xr.Dataset:
     names = group_names(data)
     if group not in names:
         raise EGPSError(f"the data has no {group!r} group (groups: {', '.join(names) or 'none'})")
-    if _is_inference_data(data):
-        return data[group]
-    return data[group].to_dataset()
+    if _is_datatree(data):
+        return data[group].to_dataset()
+    return data[group]
 
 
 def posterior_dataset(data: Any) -> xr.Dataset:
@@ -208,10 +230,24 @@ def _posterior(posterior: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int,
     return variables, (n_chain, n_draw, n_pos)
 
 
-def _sample_stats(sample_stats: Mapping[str, Any], chain_draw: tuple[int, int]) -> dict[str, Any]:
+def _position_stat(name: str, values: Any, length: np.ndarray, n_pos: int) -> Any:
+    """A [chain, draw, position] statistic as float64 on the ``position`` dimension, NaN past each length."""
+    array = _cast(name, values, np.float64)
+    if array.shape != (*length.shape, n_pos):
+        raise EGPSError(f"{name} has shape {array.shape}, expected [chain, draw, position] = {(*length.shape, n_pos)}")
+    padded = np.where(np.arange(n_pos) < length[..., None], array, np.nan)
+    return (("chain", "draw", "position"), padded)
+
+
+def _sample_stats(
+    sample_stats: Mapping[str, Any], chain_draw: tuple[int, int], length: np.ndarray, n_pos: int
+) -> dict[str, Any]:
     _require("sample_stats", sample_stats, SAMPLE_STATS_DTYPES)
     variables = {}
     for name, values in sample_stats.items():
+        if name in POSITION_STATS:
+            variables[name] = _position_stat(name, values, length, n_pos)
+            continue
         dtype = SAMPLE_STATS_DTYPES.get(name)
         array = _cast(name, values, dtype) if dtype is not None else np.asarray(values)
         variables[name] = _variable(name, array, chain_draw)
@@ -242,7 +278,9 @@ def to_arviz(
         [chain, draw]; further [chain, draw, ...] arrays are kept.
     sample_stats
         ``lp``, ``acceptance_rate``, ``is_accepted``, ``cut_position``, ``decode_tokens``, ``scored_tokens``,
-        each [chain, draw]; further [chain, draw, ...] arrays are kept with their own dtype.
+        each [chain, draw]; optionally ``token_logp`` and ``entropy`` [chain, draw, position] (see
+        :data:`POSITION_STATS`; values at and past each draw's length are replaced by NaN); further
+        [chain, draw, ...] arrays are kept with their own dtype.
     attrs
         Run attributes (alpha, kernel, model, seed, ...). Stored on both groups; values that NetCDF cannot hold
         (bool, None, lists) are stored as JSON strings.
@@ -261,12 +299,13 @@ def to_arviz(
         If a required variable is missing, has the wrong shape, or cannot be cast to its dtype losslessly.
     """
     post_vars, (n_chain, n_draw, n_pos) = _posterior(posterior)
-    stats_vars = _sample_stats(sample_stats, (n_chain, n_draw))
+    stats_vars = _sample_stats(sample_stats, (n_chain, n_draw), post_vars["length"][1], n_pos)
     run_attrs = _run_attrs(attrs)
     coords = {"chain": np.arange(n_chain), "draw": np.arange(n_draw)}
+    stats_coords = {**coords, "position": np.arange(n_pos)} if any(n in stats_vars for n in POSITION_STATS) else coords
     groups = {
         "posterior": xr.Dataset(post_vars, coords={**coords, "position": np.arange(n_pos)}, attrs=run_attrs),
-        "sample_stats": xr.Dataset(stats_vars, coords=coords, attrs=run_attrs),
+        "sample_stats": xr.Dataset(stats_vars, coords=stats_coords, attrs=run_attrs),
     }
     if observed:
         groups["observed_data"] = xr.Dataset(_observed(observed), attrs=run_attrs)
@@ -274,6 +313,21 @@ def to_arviz(
 
 
 # --------------------------------------------------------------------------- NetCDF I/O
+def _backend_error(action: str, path: Path, err: ImportError) -> EGPSError:
+    return EGPSError(
+        f"cannot {action} {path}: the NetCDF backend is missing ({err}); install it with `pip install h5netcdf h5py`"
+    )
+
+
+def _require_backend(action: str, path: Path) -> None:
+    """Raise the toolkit's one-line error, not a bare ImportError, when h5netcdf or h5py is not installed."""
+    try:
+        import h5netcdf  # noqa: F401
+        import h5py  # noqa: F401
+    except ImportError as err:
+        raise _backend_error(action, path, err) from err
+
+
 def _compression(data: Any) -> dict[str, dict[str, dict[str, Any]]]:
     """zlib encoding for every numeric variable of every group (token arrays compress well)."""
     encoding = {}
@@ -319,11 +373,12 @@ def save_netcdf(data: Any, path: str | os.PathLike[str]) -> Path:
     Raises
     ------
     EGPSError
-        If ``data`` is not a supported container or the write fails; then ``path`` is left as it was and
-        the temporary file is removed.
+        If ``data`` is not a supported container, the NetCDF backend (h5netcdf, h5py) is not installed, or the
+        write fails; then ``path`` is left as it was and the temporary file is removed.
     """
     group_names(data)  # rejects unsupported containers before touching the disk
     target = Path(path)
+    _require_backend("write", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -365,13 +420,17 @@ def load_netcdf(path: str | os.PathLike[str]) -> Any:
     Raises
     ------
     EGPSError
-        If the file is missing, is not a readable NetCDF/HDF5 file, or has no ``posterior`` group.
+        If the file is missing, the NetCDF backend (h5netcdf, h5py) is not installed, or the file is not a
+        readable NetCDF/HDF5 file or has no ``posterior`` group.
     """
     source = Path(path)
     if not source.is_file():
         raise EGPSError(f"no such run file: {source}")
+    _require_backend("read", source)
     try:
         data = _read(source)
+    except ImportError as err:
+        raise _backend_error("read", source, err) from err
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EGPSError(f"{source} is not a readable ArviZ NetCDF file ({type(err).__name__}: {err})") from err
     if "posterior" not in group_names(data):

@@ -3,11 +3,18 @@
 R-hat and ESS come from :func:`arviz.rhat` and :func:`arviz.ess` (never re-implemented here). Both ArviZ 0.x
 and 1.x accept an :class:`xarray.Dataset`, so the group is pulled out as a Dataset first and one code path
 serves InferenceData and DataTree alike.
+
+Two statistics ArviZ does not have: the *moved fraction* (how often a draw differs from the draw before it, which
+the acceptance rate overstates: an accepted proposal can be the current completion itself) and the *frozen
+chains* (chains whose completion never changes). A chain whose values never change has zero within-chain
+variance, where ArviZ divides by zero and numpy warns on every call; those RuntimeWarnings are silenced and the
+frozen chains are listed in the summary instead.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,15 +50,29 @@ def _per_draw_variable(data: Any, name: str) -> xr.DataArray:
     raise EGPSError(f"no variable {name!r} in posterior or sample_stats")
 
 
-def _arviz_scalar(function: Any, values: xr.DataArray, **kwargs: Any) -> float:
-    """Call an ArviZ diagnostic on a one-variable Dataset and return its value as a float."""
-    result = function(xr.Dataset({values.name: values}), **kwargs)
+def _arviz_scalar(function: Any, values: xr.DataArray, quiet: bool = False, **kwargs: Any) -> float:
+    """Call an ArviZ diagnostic on a one-variable Dataset and return its value as a float.
+
+    ``quiet`` silences RuntimeWarnings (division by a zero within-chain variance when a chain is constant).
+    """
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", RuntimeWarning)
+        result = function(xr.Dataset({values.name: values}), **kwargs)
     return float(result[values.name])
+
+
+def _constant_chains(values: np.ndarray) -> np.ndarray:
+    """Boolean [chain]: the chain's values never change over its draws (needs at least 2 draws)."""
+    if values.shape[1] < 2:
+        return np.zeros(values.shape[0], dtype=bool)
+    return np.all(values == values[:, :1], axis=1)
 
 
 def _variable_summary(values: xr.DataArray, notes: list[str]) -> dict[str, float]:
     n_chain, n_draw = values.shape
     flat = values.values.ravel()
+    quiet = bool(_constant_chains(values.values).any())
     out = {
         "rhat": math.nan,
         "ess_bulk": math.nan,
@@ -63,16 +84,53 @@ def _variable_summary(values: xr.DataArray, notes: list[str]) -> dict[str, float
         # Skipped rather than called: ArviZ versions differ between returning NaN and raising here.
         notes.append(f"{values.name}: R-hat and ESS need at least {MIN_DRAWS} draws per chain (have {n_draw}): NaN")
         return out
-    out["ess_bulk"] = _arviz_scalar(az.ess, values, method="bulk")
-    out["ess_tail"] = _arviz_scalar(az.ess, values, method="tail")
+    out["ess_bulk"] = _arviz_scalar(az.ess, values, quiet, method="bulk")
+    out["ess_tail"] = _arviz_scalar(az.ess, values, quiet, method="tail")
     if n_chain < MIN_CHAINS_RHAT:
         notes.append(f"{values.name}: R-hat needs at least {MIN_CHAINS_RHAT} chains (have {n_chain}): NaN")
     elif np.all(flat == flat[0]):
         # Between- and within-chain variances are both 0; ArviZ 0.x returns NaN, and 1.x should not differ.
         notes.append(f"{values.name}: constant over all draws, so R-hat is undefined (NaN)")
     else:
-        out["rhat"] = _arviz_scalar(az.rhat, values, method="rank")
+        out["rhat"] = _arviz_scalar(az.rhat, values, quiet, method="rank")
     return out
+
+
+def _frozen_chains(posterior: xr.Dataset, notes: list[str]) -> list[int]:
+    """Chains (their ``chain`` coordinate) that never moved; a note says which.
+
+    A chain never moved when its ``tokens`` are the same in every draw. Its recorded ``log_p`` may still differ
+    in the last digits (a re-proposed completion is rescored, in float32 on most models), so ``log_p`` is used
+    only where the run has no ``tokens``: then a chain never moved when its ``log_p`` never changes.
+    """
+    n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
+    if n_draw < 2:
+        return []
+    if "tokens" in posterior.data_vars:
+        values, what = posterior["tokens"].transpose("chain", "draw", ...), "same completion"
+    elif "log_p" in posterior.data_vars:
+        values, what = posterior["log_p"].transpose("chain", "draw"), "same log_p"
+    else:
+        return []
+    array = values.values.reshape(n_chain, n_draw, -1)
+    still = np.all(array == array[:, :1], axis=(1, 2))
+    frozen = [int(chain) for chain in values["chain"].values[still]]
+    if frozen:
+        shown = ", ".join(str(chain) for chain in frozen[:20]) + (" ..." if len(frozen) > 20 else "")
+        notes.append(f"{len(frozen)} of {n_chain} chains never moved ({what} in all {n_draw} draws): chains {shown}")
+    return frozen
+
+
+def _moved_fraction(posterior: xr.Dataset, n_chain: int, notes: list[str]) -> dict[str, Any]:
+    """Fraction of draws whose tokens differ from the previous draw's, overall and per chain."""
+    n_draw = posterior.sizes["draw"]
+    if "tokens" not in posterior.data_vars or n_draw < 2:
+        reason = "no 'tokens' in posterior" if n_draw >= 2 else f"needs at least 2 draws (have {n_draw})"
+        notes.append(f"moved fraction: {reason}: NaN")
+        return {"mean": math.nan, "per_chain": [math.nan] * n_chain}
+    tokens = posterior["tokens"].transpose("chain", "draw", ...).values
+    moved = np.any(tokens[:, 1:] != tokens[:, :-1], axis=tuple(range(2, tokens.ndim)))  # [chain, draw - 1]
+    return {"mean": float(moved.mean()), "per_chain": [float(v) for v in moved.mean(axis=1)]}
 
 
 def _mean_stat(stats: xr.Dataset | None, name: str, n_chain: int, notes: list[str]) -> dict[str, Any]:
@@ -105,6 +163,11 @@ def summarize(data: Any, var_names: Sequence[str] = ("log_p", "length")) -> dict
         fewer than 4 draws, or a constant variable);
         ``acceptance_rate`` and ``accepted_fraction``: ``{"mean", "per_chain"}`` means of the sample stats
         ``acceptance_rate`` and ``is_accepted``;
+        ``moved_fraction``: ``{"mean", "per_chain"}``, the fraction of draws (from the second on) whose tokens
+        differ from the previous draw's (NaN with one draw);
+        ``frozen_chains``: the chains that never moved: the same ``tokens`` in every draw (or, with no tokens,
+        the same ``log_p``); a note names them, and ArviZ's warnings about zero within-chain variance are
+        silenced;
         ``decode_tokens_per_draw``, ``scored_tokens_per_draw``: ``{"mean", "per_chain"}``;
         ``notes``: list of strings saying why any value is NaN.
 
@@ -117,6 +180,7 @@ def summarize(data: Any, var_names: Sequence[str] = ("log_p", "length")) -> dict
     n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
     stats = _sample_stats(data)
     notes: list[str] = []
+    frozen = _frozen_chains(posterior, notes)
     variables = {name: _variable_summary(_per_draw_variable(data, name), notes) for name in var_names}
     return {
         "num_chains": int(n_chain),
@@ -124,6 +188,8 @@ def summarize(data: Any, var_names: Sequence[str] = ("log_p", "length")) -> dict
         "variables": variables,
         "acceptance_rate": _mean_stat(stats, "acceptance_rate", n_chain, notes),
         "accepted_fraction": _mean_stat(stats, "is_accepted", n_chain, notes),
+        "moved_fraction": _moved_fraction(posterior, n_chain, notes),
+        "frozen_chains": frozen,
         "decode_tokens_per_draw": _mean_stat(stats, "decode_tokens", n_chain, notes),
         "scored_tokens_per_draw": _mean_stat(stats, "scored_tokens", n_chain, notes),
         "notes": notes,
@@ -152,8 +218,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     Returns
     -------
     str
-        Several lines: one row per variable (mean, sd, R-hat, bulk/tail ESS), then acceptance and token
-        counts (overall and per chain), then any notes.
+        Several lines: one row per variable (mean, sd, R-hat, bulk/tail ESS), then acceptance, moved fraction
+        and token counts (overall and per chain), then any notes (frozen chains among them).
     """
     lines = [f"{summary['num_chains']} chains x {summary['num_draws']} draws"]
     name_width = max([8, *(len(name) for name in summary["variables"])])
@@ -168,6 +234,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, label in (
         ("acceptance_rate", "acceptance rate"),
         ("accepted_fraction", "accepted fraction"),
+        ("moved_fraction", "moved fraction"),
         ("decode_tokens_per_draw", "decode tokens/draw"),
         ("scored_tokens_per_draw", "scored tokens/draw"),
     ):

@@ -19,6 +19,7 @@ from egps_ppl.state import PAD, Sequences
 
 POSTERIOR_VARS = ("tokens", "length", "log_p")
 STAT_VARS = ("lp", "acceptance_rate", "is_accepted", "cut_position", "decode_tokens", "scored_tokens")
+POSITION_VARS = ("token_logp", "entropy")  # [chain, draw, position]: only in the ArviZ export's sample_stats
 
 
 class MCMC:
@@ -107,7 +108,7 @@ class MCMC:
         cost = cost + prep
         total = self.warmup_steps + self.num_samples * self.thin
         bar = _progress_bar(total, self.kernel.name) if self.progress else None
-        self._draws = {name: [] for name in POSTERIOR_VARS + STAT_VARS}
+        self._draws = {name: [] for name in POSTERIOR_VARS + STAT_VARS + POSITION_VARS}
         pending = Cost.zero(self.num_chains, state.device)
         sampling = Cost.zero(self.num_chains, state.device)
         for step in range(total):
@@ -166,6 +167,8 @@ class MCMC:
             "cut_position": info.cut,
             "decode_tokens": cost.decode_tokens,
             "scored_tokens": cost.scored_tokens,
+            "token_logp": state.logp,  # zero past each length; the export stores NaN there
+            "entropy": state.entropy,
         }
         for name, value in values.items():
             self._draws[name].append(value.detach().cpu().numpy())
@@ -204,13 +207,17 @@ class MCMC:
         }
 
     def to_arviz(self) -> Any:
-        """The draws as ArviZ data (``InferenceData`` on arviz < 1, a ``DataTree`` on arviz >= 1)."""
+        """The draws as ArviZ data (``InferenceData`` on arviz < 1, a ``DataTree`` on arviz >= 1), with the
+        per-position ``token_logp`` and ``entropy`` of every draw in ``sample_stats``."""
         from egps_ppl.diagnostics import to_arviz
 
-        return to_arviz(self.get_samples(), self.get_sample_stats(), self.attrs())
+        self._require_run()
+        per_position = {name: np.stack(self._draws[name], axis=1) for name in POSITION_VARS}
+        return to_arviz(self.get_samples(), {**self.get_sample_stats(), **per_position}, self.attrs())
 
     def summary(self) -> dict[str, Any]:
-        """R-hat, bulk/tail ESS of ``log_p`` and ``length`` (from ArviZ) and acceptance rates."""
+        """R-hat, bulk/tail ESS of ``log_p`` and ``length`` (from ArviZ), acceptance rates, the moved fraction and
+        the frozen chains (see :func:`egps_ppl.diagnostics.summarize`)."""
         from egps_ppl.diagnostics import summarize
 
         return summarize(self.to_arviz())
