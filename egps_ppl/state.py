@@ -42,12 +42,14 @@ class RowCache(Protocol):
 
 @dataclass(frozen=True)
 class Sequences:
-    """C completions of one prompt, padded to a common capacity.
+    """C completions, of one prompt or of one prompt per row, padded to a common capacity.
 
     Attributes
     ----------
     prompt:
-        ``LongTensor[P]``, shared by all rows (may be empty for Markov models).
+        ``LongTensor[P]`` shared by all rows (may be empty for Markov models), or ``LongTensor[C, P]`` with one
+        prompt per row (a batch over problems), each right-padded with ``PAD``; see :meth:`prompt_rows` and
+        :attr:`prompt_lengths`.
     tokens:
         ``LongTensor[C, T]`` completion tokens, ``PAD`` past ``length``.
     length:
@@ -64,6 +66,9 @@ class Sequences:
         End-of-sequence id (or ``None`` when the model has none).
     cache:
         The backend's :class:`RowCache` for these rows (e.g. a KV pool); ``None`` where the backend keeps none.
+    problem:
+        ``LongTensor[C]``, the problem (prompt) index of each row in a batch over problems; ``None`` for one
+        prompt.
 
     Notes
     -----
@@ -95,6 +100,7 @@ class Sequences:
     policy: PowerPolicy
     eos_token_id: int | None
     cache: RowCache | None = None
+    problem: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -163,6 +169,24 @@ class Sequences:
         """The device of the batch's tensors."""
         return self.tokens.device
 
+    @property
+    def per_row_prompt(self) -> bool:
+        """Whether each row has its own prompt (``prompt`` is ``[C, P]``)."""
+        return self.prompt.dim() == 2
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        """``LongTensor[C]``: prompt tokens of each row."""
+        if self.per_row_prompt:
+            return (self.prompt != PAD).sum(1).to(self.device)
+        return torch.full((self.num_rows,), self.prompt.numel(), dtype=torch.long, device=self.device)
+
+    def prompt_rows(self) -> torch.Tensor:
+        """``LongTensor[C, P]``: each row's prompt, right-padded with ``PAD`` (a shared prompt repeated)."""
+        if self.per_row_prompt:
+            return self.prompt
+        return self.prompt.unsqueeze(0).expand(self.num_rows, -1)
+
     def positions(self) -> torch.Tensor:
         """``LongTensor[1, T]`` of completion positions, for masks."""
         return torch.arange(self.capacity, device=self.device).unsqueeze(0)
@@ -213,6 +237,14 @@ class Sequences:
         The caches are merged by :meth:`RowCache.where` (a side without one counts as empty).
         """
         take_other = torch.as_tensor(take_other, dtype=torch.bool, device=self.device)
+        prompt, problem = self.prompt, self.problem
+        if self.per_row_prompt or other.per_row_prompt or not torch.equal(self.prompt, other.prompt):
+            mine, theirs = _pad_right(self.prompt_rows(), other.prompt_rows())
+            prompt = torch.where(take_other.to(mine.device).unsqueeze(1), theirs, mine)
+        if (self.problem is None) != (other.problem is None):
+            raise ValueError("Sequences.where: one batch has problem indices and the other has none")
+        if self.problem is not None:
+            problem = torch.where(take_other, other.problem, self.problem)
         if self.cache is None and other.cache is None:
             cache = None
         elif self.cache is None:
@@ -222,6 +254,8 @@ class Sequences:
         mask2 = take_other.unsqueeze(1)
         return replace(
             self,
+            prompt=prompt,
+            problem=problem,
             tokens=torch.where(mask2, other.tokens, self.tokens),
             length=torch.where(take_other, other.length, self.length),
             logp=torch.where(mask2, other.logp, self.logp),
@@ -237,6 +271,8 @@ class Sequences:
         cache = None if self.cache is None else self.cache.take(index)
         return replace(
             self,
+            prompt=self.prompt[index.to(self.prompt.device)] if self.per_row_prompt else self.prompt,
+            problem=None if self.problem is None else self.problem[index],
             tokens=self.tokens[index],
             length=self.length[index],
             logp=self.logp[index],
@@ -259,3 +295,13 @@ class Sequences:
             entropy=torch.where(keep, self.entropy, zero),
             logz=torch.where(keep, self.logz, zero),
         )
+
+
+def _pad_right(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[C, *]`` prompt tables right-padded with ``PAD`` to a common width."""
+    width = max(a.shape[1], b.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=PAD)
+
+    return pad(a), pad(b)

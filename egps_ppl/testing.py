@@ -24,9 +24,10 @@ import torch
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel
+from egps_ppl.models.base import is_prompt_table
 from egps_ppl.models.exact import ExactPower
 from egps_ppl.models.markov import MarkovLM
-from egps_ppl.state import Sequences
+from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
 
 KernelFactory = Callable[[PowerDistribution], Kernel]
@@ -91,16 +92,23 @@ def exact_chains(target: PowerDistribution, num_chains: int, generator: torch.Ge
     TypeError
         If the target's model is not a ``MarkovLM``.
     """
-    exact = _exact(target)
-    tokens, length = exact.sample(num_chains, generator)
     seqs = target.empty(num_chains)
-    seqs = seqs.with_(tokens=tokens.to(seqs.device), length=length.to(seqs.device))
-    scored, _ = target.lm.score(seqs, torch.zeros_like(seqs.length))
+    tokens = torch.full_like(seqs.tokens, PAD)
+    length = torch.zeros_like(seqs.length)
+    for k in range(target.num_prompts):  # rows are problem-major: chains of problem k are one block
+        drawn, lengths = _exact(target, k).sample(num_chains, generator)
+        rows = slice(k * num_chains, (k + 1) * num_chains)
+        tokens[rows, : drawn.shape[1]], length[rows] = drawn.to(seqs.device), lengths.to(seqs.device)
+    scored, _ = target.lm.score(seqs.with_(tokens=tokens, length=length), torch.zeros_like(length))
     return scored
 
 
 def distance_to_target(target: PowerDistribution, seqs: Sequences, moved: float = float("nan")) -> InvarianceReport:
     """Compare the empirical distribution of ``seqs`` with the exact π of ``target``.
+
+    For a target over several prompts, each problem's rows are compared with its own π and the chi-square
+    statistics are pooled (summed, with their degrees of freedom); ``tv`` and ``tv_noise`` are the means over
+    problems.
 
     Parameters
     ----------
@@ -115,6 +123,22 @@ def distance_to_target(target: PowerDistribution, seqs: Sequences, moved: float 
     -------
     InvarianceReport
     """
+    if target.batched:
+        parts = [
+            distance_to_target(target.problem_target(k), seqs.take((seqs.problem == k).nonzero().flatten()))
+            for k in range(target.num_prompts)
+        ]
+        chi2, dof = sum(r.chi2 for r in parts), sum(r.dof for r in parts)
+        return InvarianceReport(
+            tv=sum(r.tv for r in parts) / len(parts),
+            tv_noise=sum(r.tv_noise for r in parts) / len(parts),
+            chi2=chi2,
+            dof=dof,
+            p_value=_chi2_sf(chi2, dof),
+            moved=moved,
+            num_chains=seqs.num_rows,
+            num_states=sum(r.num_states for r in parts),
+        )
     support, log_pi = _exact(target).enumerate()
     index = {s: k for k, s in enumerate(support)}
     counts = torch.zeros(len(support), dtype=torch.float64)
@@ -142,7 +166,7 @@ def check_invariance(
     num_chains: int = 100_000,
     steps: int = 1,
     seed: int = 0,
-    prompt: Sequence[int] = (),
+    prompt: Sequence[int] | Sequence[Sequence[int]] = (),
 ) -> InvarianceReport:
     """Draw ``num_chains`` chains exactly from π, apply ``steps`` kernel steps, and compare with π.
 
@@ -162,15 +186,17 @@ def check_invariance(
         Kernel steps applied before the comparison.
     seed : int
         Seed of the generator used for the draws and the kernel.
-    prompt : sequence of int
-        Prompt token ids.
+    prompt : sequence of int, or sequence of sequences of int
+        Prompt token ids; a list of prompts checks the kernel on a plate over problems (``num_chains`` chains
+        each, all in one batch).
 
     Returns
     -------
     InvarianceReport
         Distance to π after the steps; see :meth:`InvarianceReport.passed`.
     """
-    target = PowerDistribution(model, list(prompt), alpha, max_new_tokens)
+    target = PowerDistribution(model, [list(p) for p in prompt] if is_prompt_table(prompt) else list(prompt), alpha,
+                               max_new_tokens)  # fmt: skip
     kernel = kernel_factory(target)
     generator = torch.Generator().manual_seed(seed)
     start = exact_chains(target, num_chains, generator)
@@ -189,7 +215,7 @@ def assert_invariant(
     num_chains: int = 100_000,
     steps: int = 1,
     seed: int = 0,
-    prompt: Sequence[int] = (),
+    prompt: Sequence[int] | Sequence[Sequence[int]] = (),
     min_p_value: float = 1e-4,
     tv_factor: float = 3.0,
     min_moved: float = 0.01,
@@ -231,10 +257,10 @@ def assert_invariant(
     return report
 
 
-def _exact(target: PowerDistribution) -> ExactPower:
+def _exact(target: PowerDistribution, problem: int = 0) -> ExactPower:
     if not isinstance(target.lm, MarkovLM):
         raise TypeError("exact checks need a MarkovLM target")
-    return ExactPower(target.lm, target.alpha, target.max_new_tokens, target.prompt.tolist())
+    return ExactPower(target.lm, target.alpha, target.max_new_tokens, target.prompts[problem].tolist())
 
 
 def pearson_test(counts: torch.Tensor, probs: torch.Tensor, outside: float = 0.0) -> tuple[float, int, float]:

@@ -289,7 +289,17 @@ def test_prompt_handling():
     with pytest.raises(EGPSError, match="prompt token ids"):
         model.start((4,), 1, 3, policy)
     with pytest.raises(EGPSError, match="flat list"):
-        model.start([[1]], 1, 3, policy)
+        model.start([[[1]]], 1, 3, policy)
+    with pytest.raises(EGPSError, match="one per row"):
+        model.start([[1], [2]], 3, 3, policy)
+    # One prompt per row: each row is scored as if it were alone.
+    table, _ = model.score(
+        model.start([[3, 1], [], [2]], 3, 3, policy).with_(tokens=tokens.repeat(3, 1), length=torch.full((3,), 3)),
+        torch.zeros(3, dtype=torch.long),
+    )
+    torch.testing.assert_close(table.logp[0], a.logp[0])
+    torch.testing.assert_close(table.logp[1], c.logp[0])
+    assert table.logp[2, 0].item() == pytest.approx(math.log(model.transition[2, 1].item()))
 
 
 def test_from_tokens_scores_and_validates():

@@ -21,7 +21,7 @@ import torch
 
 from egps_ppl.errors import EGPSError, NumericalError, check_positive_int
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.state import PAD, Sequences
+from egps_ppl.state import PAD, RowCache, Sequences
 
 
 @dataclass
@@ -140,6 +140,51 @@ def as_prompt(prompt: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Te
     return ids
 
 
+def is_prompt_table(prompt: object) -> bool:
+    """Whether ``prompt`` holds one prompt per row (a 2-D tensor, or a list of token-id lists)."""
+    if torch.is_tensor(prompt):
+        return prompt.dim() == 2
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not len(prompt):
+        return False
+    return all(torch.is_tensor(p) or (isinstance(p, Sequence) and not isinstance(p, str)) for p in prompt)
+
+
+def as_prompt_table(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Validate one prompt per row and return them as ``LongTensor[C, P]``, right-padded with ``PAD``.
+
+    Parameters
+    ----------
+    prompts : sequence of sequences of int, or torch.Tensor
+        One list of token ids per row, or a ``[C, P]`` tensor already padded with ``PAD``.
+    vocab_size : int
+        Ids must lie in ``[0, vocab_size)``.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> as_prompt_table([[1, 2, 3], [4]], vocab_size=8).tolist()
+    [[1, 2, 3], [4, -1, -1]]
+    """
+    if torch.is_tensor(prompts):
+        table = prompts.to(torch.long)
+        if table.dim() != 2:
+            raise EGPSError("a prompt table must be 2-D: one row of token ids per chain")
+        rows = [row[row != PAD] for row in table]
+    else:
+        rows = [as_prompt(p, vocab_size) for p in prompts]
+    for i, row in enumerate(rows):
+        if row.numel() and (row.min() < 0 or row.max() >= vocab_size):
+            raise EGPSError(f"prompt {i}: token ids must lie in [0, {vocab_size}); got {row.min()}..{row.max()}")
+    width = max((r.numel() for r in rows), default=0)
+    table = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        table[i, : row.numel()] = row
+    return table
+
+
 def _is_index(value: object) -> bool:
     """True for Python and NumPy integers (not bools, not floats)."""
     if isinstance(value, bool):
@@ -195,7 +240,7 @@ class LanguageModel(ABC):
     # ------------------------------------------------------------ batches
     def start(
         self,
-        prompt: Sequence[int] | torch.Tensor,
+        prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
         num_rows: int,
         capacity: int,
         policy: PowerPolicy,
@@ -204,8 +249,9 @@ class LanguageModel(ABC):
 
         Parameters
         ----------
-        prompt : sequence of int or torch.Tensor
-            Prompt token ids.
+        prompt : sequence of int, sequence of sequences of int, or torch.Tensor
+            Prompt token ids shared by all rows, or one prompt per row (a list of ``num_rows`` id lists, or a
+            ``[num_rows, P]`` tensor right-padded with ``PAD``): a batch over problems.
         num_rows : int
             Rows (chains) of the batch.
         capacity : int
@@ -225,23 +271,32 @@ class LanguageModel(ABC):
         """
         check_positive_int("num_rows", num_rows)
         check_positive_int("max_new_tokens", capacity)
-        ids = as_prompt(prompt, self.vocab_size)
-        if self.requires_prompt and ids.numel() == 0:
+        if is_prompt_table(prompt):
+            ids = as_prompt_table(prompt, self.vocab_size)
+            if ids.shape[0] != num_rows:
+                raise EGPSError(f"got {ids.shape[0]} prompts for {num_rows} rows; give one per row")
+            lengths = (ids != PAD).sum(1)
+        else:
+            ids = as_prompt(prompt, self.vocab_size)
+            lengths = torch.tensor([ids.numel()])
+        if self.requires_prompt and bool((lengths == 0).any()):
             raise EGPSError(f"model {self.name!r} needs a non-empty prompt")
-        if self.context_length is not None and ids.numel() + capacity > self.context_length:
+        longest = int(lengths.max())
+        if self.context_length is not None and longest + capacity > self.context_length:
             raise EGPSError(
-                f"prompt ({ids.numel()} tokens) + max_new_tokens ({capacity}) exceeds the context window of "
+                f"prompt ({longest} tokens) + max_new_tokens ({capacity}) exceeds the context window of "
                 f"{self.name!r} ({self.context_length} tokens)"
             )
         return Sequences.empty(ids, num_rows, capacity, policy, self.eos_token_id, self._prompt_cache(ids, num_rows))
 
-    def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> object:
-        """Backend cache for ``num_rows`` copies of the prompt (``None`` if the backend keeps none)."""
+    def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> RowCache | None:
+        """Backend cache for ``num_rows`` rows of ``prompt`` (``[P]`` shared or ``[C, P]`` per row; ``None`` if
+        the backend keeps none)."""
         return None
 
     def from_tokens(
         self,
-        prompt: Sequence[int] | torch.Tensor,
+        prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
         completions: Sequence[Sequence[int]],
         capacity: int,
         policy: PowerPolicy,
@@ -250,8 +305,8 @@ class LanguageModel(ABC):
 
         Parameters
         ----------
-        prompt : sequence of int or torch.Tensor
-            Prompt token ids.
+        prompt : sequence of int, sequence of sequences of int, or torch.Tensor
+            Prompt token ids, shared or one prompt per completion (see :meth:`start`).
         completions : sequence of sequences of int
             One list of completion ids per row.
         capacity : int

@@ -348,7 +348,7 @@ class HFModel(LanguageModel):
         lo: torch.Tensor,
         hi: torch.Tensor,
         policy: PowerPolicy,
-        prompt_len: int,
+        prompt_len: torch.Tensor,
         capacity: int,
         need_from: torch.Tensor | None = None,
     ) -> _Feed:
@@ -404,7 +404,8 @@ class HFModel(LanguageModel):
                 p = pos[rows, cols]
                 target = full_d[rows, p + 1]
                 lp, lq, ent, lz = _target_stats(logits, target, policy)
-                r_cpu, t_cpu = rows.cpu(), (p + 1 - prompt_len).cpu()
+                r_cpu = rows.cpu()
+                t_cpu = p.cpu() + 1 - prompt_len[r_cpu]
                 result.logp[r_cpu, t_cpu] = lp.double().cpu()
                 result.logq[r_cpu, t_cpu] = lq.double().cpu()
                 result.entropy[r_cpu, t_cpu] = ent.double().cpu()
@@ -423,18 +424,26 @@ class HFModel(LanguageModel):
         return cache
 
     def _full_tokens(self, seqs: Sequences) -> torch.Tensor:
-        """``LongTensor[C, P + T]``: prompt followed by the completion tokens (PAD past each length)."""
-        prompt = seqs.prompt.to(seqs.device).unsqueeze(0).expand(seqs.num_rows, -1)
-        return torch.cat([prompt, seqs.tokens], 1)
+        """``LongTensor[C, P + T]``: each row's prompt followed by its completion tokens (PAD after), so column
+        ``j`` of row ``c`` holds absolute position ``j`` of that row whatever its prompt length."""
+        prompt = seqs.prompt_rows().to(seqs.device)
+        full = torch.cat([prompt, torch.full_like(seqs.tokens, PAD)], 1)
+        if not seqs.per_row_prompt:
+            full[:, prompt.shape[1] :] = seqs.tokens
+            return full
+        columns = seqs.prompt_lengths.unsqueeze(1) + seqs.positions()
+        return full.scatter(1, columns, seqs.tokens)
 
-    def _check_prompt(self, seqs: Sequences) -> int:
-        P = int(seqs.prompt.numel())
-        if P == 0:
+    def _check_prompt(self, seqs: Sequences) -> torch.Tensor:
+        """``LongTensor[C]``: the prompt length of each row, checked non-empty and within the context window."""
+        P = seqs.prompt_lengths.cpu()
+        if bool((P == 0).any()):
             raise EGPSError(f"model {self.name!r} needs a non-empty prompt")
-        if self.context_length is not None and P + seqs.capacity > self.context_length:
+        longest = int(P.max())
+        if self.context_length is not None and longest + seqs.capacity > self.context_length:
             raise EGPSError(
-                f"prompt ({P} tokens) + capacity ({seqs.capacity}) exceeds the context window of {self.name!r} "
-                f"({self.context_length} tokens)"
+                f"prompt ({longest} tokens) + capacity ({seqs.capacity}) exceeds the context window of "
+                f"{self.name!r} ({self.context_length} tokens)"
             )
         return P
 
@@ -451,13 +460,24 @@ class HFModel(LanguageModel):
 
     # ------------------------------------------------------------ protocol
     def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> KVPool | None:
-        """The prompt's pool, computed once at batch 1 and expanded to ``num_rows`` rows.
+        """The prompt's pool, computed once at batch 1 and expanded to ``num_rows`` rows; for one prompt per row
+        (``prompt[C, P]``), each distinct prompt computed once in one batched call and its rows copied.
 
         It holds positions ``0..P-2``: the last prompt token is fed by the first ``extend`` (which needs the
         logits after it), so it is not computed twice.
         """
         if not self.reuse_cache:
             return None
+        if prompt.dim() == 2:
+            distinct, inverse = torch.unique(prompt, dim=0, return_inverse=True)
+            if distinct.shape[0] == 1:
+                return self._prompt_cache(distinct[0][distinct[0] != PAD], num_rows)
+            lengths = (distinct != PAD).sum(1)
+            lo = torch.zeros_like(lengths)
+            fed = self._feed(KVPool.empty(len(distinct), self.device), distinct, lo, (lengths - 1).clamp(min=0),
+                             PowerPolicy(), lengths, 0)  # fmt: skip
+            pool = fed.pool.rows(inverse.to(self.device))
+            return dataclasses.replace(pool, history=(), compact_below=self.compact_below).snapshotted()
         key = tuple(int(t) for t in prompt.tolist())
         if self._prompt_memo is not None and self._prompt_memo[0] == key:
             one = self._prompt_memo[1]
@@ -466,7 +486,7 @@ class HFModel(LanguageModel):
             full = prompt.view(1, -1)
             lo = torch.zeros(1, dtype=torch.long)
             hi = torch.full((1,), max(P - 1, 0), dtype=torch.long)
-            one = self._feed(KVPool.empty(1, self.device), full, lo, hi, PowerPolicy(), P, 0).pool
+            one = self._feed(KVPool.empty(1, self.device), full, lo, hi, PowerPolicy(), torch.tensor([P]), 0).pool
             self._prompt_memo = (key, one)
         if one.num_slots == 0:
             empty = KVPool.empty(num_rows, self.device)

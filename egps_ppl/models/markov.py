@@ -127,10 +127,16 @@ class MarkovLM(LanguageModel):
 
     def _previous(self, seqs: Sequences, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """State index before position ``pos`` of each row (V = start of an empty prompt)."""
-        first = int(seqs.prompt[-1]) if seqs.prompt.numel() else self.vocab_size
+        rows, lengths = seqs.prompt_rows(), seqs.prompt_lengths
+        first = torch.full_like(lengths, self.vocab_size)
+        if rows.shape[1]:
+            last = rows.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1).to(rows.device)).squeeze(1)
+            first = torch.where(lengths > 0, last.to(lengths.device), first)
+        if pos.dim() == 2:
+            first = first.unsqueeze(1)
         prev = tokens.gather(1, (pos - 1).clamp(min=0).unsqueeze(-1) if pos.dim() == 1 else (pos - 1).clamp(min=0))
         prev = prev.squeeze(-1) if pos.dim() == 1 else prev
-        return torch.where(pos == 0, torch.full_like(prev, first), prev)
+        return torch.where(pos == 0, first.expand_as(prev), prev)
 
     # ------------------------------------------------------------ protocol
     def extend(

@@ -1,0 +1,127 @@
+"""A target over several prompts (a plate over problems): per-row results equal single-problem runs, and every
+kernel leaves each problem's π invariant when the problems share one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from egps_ppl.errors import EGPSError
+from egps_ppl.kernels import Cycle, MetropolisHastings, Mixture, MultipleTryMetropolis, WindowProposal
+from egps_ppl.kernels.presets import PRESETS, build_kernel
+from egps_ppl.kernels.sites import EntropyJumpSite
+from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.models.registry import tiny_gpt2, tiny_llama
+from egps_ppl.models.testbeds import random_markov
+from egps_ppl.state import Sequences
+from egps_ppl.target import PowerDistribution
+from egps_ppl.testing import assert_invariant, check_invariance
+
+STATS = ("logp", "logq", "entropy", "logz")
+PROMPTS = [(), (2,), (3, 1), (1,)]
+MODEL = random_markov(4, seed=1, eos_token_id=0, concentration=2.0)
+
+KERNELS = {
+    "mh": MetropolisHastings,
+    "entropy-jump-mh": lambda t: MetropolisHastings(t, selector=EntropyJumpSite(beta=4.0)),
+    "window": lambda t: MetropolisHastings(t, proposal=WindowProposal(t.default_policy(), [1, 2])),
+    "mtm": lambda t: MultipleTryMetropolis(t, 3),
+    "mtm-balanced-local": lambda t: MultipleTryMetropolis(t, 3, local_width=2, weights="balanced"),
+    "cycle": lambda t: Cycle([MetropolisHastings(t), MultipleTryMetropolis(t, 2)]),
+    "mixture": lambda t: Mixture([MetropolisHastings(t), MultipleTryMetropolis(t, 2, local_width=1)], [0.5, 0.5]),
+    **{f"preset-{name}": (lambda t, name=name: build_kernel(name, t)) for name in PRESETS},
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_every_kernel_leaves_each_problem_invariant(kernel):
+    report = assert_invariant(KERNELS[kernel], MODEL, 2.0, 4, num_chains=15_000, steps=2, prompt=PROMPTS)
+    assert report.num_chains == 15_000 * len(PROMPTS)
+
+
+def test_a_kernel_that_mixes_up_problems_is_caught():
+    """Rows that take a proposal drawn for another problem's prompt break every problem's π."""
+
+    class SwapRows(MetropolisHastings):
+        def step(self, state, generator=None):
+            new, info = super().step(state, generator)
+            shifted = new.take(torch.roll(torch.arange(new.num_rows), 1))
+            return new.where(info.accepted, shifted.with_(prompt=new.prompt, problem=new.problem)), info
+
+    report = check_invariance(SwapRows, MODEL, 2.0, 4, num_chains=15_000, steps=2, prompt=PROMPTS)
+    assert not report.passed()
+
+
+def test_plate_rows_and_errors():
+    target = PowerDistribution(MODEL, [list(p) for p in PROMPTS], alpha=2.0, max_new_tokens=4)
+    assert target.num_prompts == 4 and target.batched
+    rows = target.rows_for([3, 0, 3])
+    assert rows.problem.tolist() == [3, 0, 3] and rows.prompt_lengths.tolist() == [1, 0, 1]
+    with pytest.raises(EGPSError, match="use target.prompts"):
+        _ = target.prompt
+    with pytest.raises(EGPSError, match="problem indices"):
+        target.rows_for([4])
+    with pytest.raises(EGPSError, match="problem index of every completion"):
+        target.from_completions([[1, 0]])
+    single = PowerDistribution(MODEL, [2], alpha=2.0, max_new_tokens=4)
+    assert not single.batched and single.empty(3).problem is None
+
+
+# ---------------------------------------------------------------- transformers models, float64
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def models(request):
+    build = {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]
+    return build(dtype="float64"), build(dtype="float64", reuse_cache=False)
+
+
+def _single(model, prompt: list[int], tokens: list[int], capacity: int, policy: PowerPolicy) -> Sequences:
+    seqs, _ = model.from_tokens(prompt, [tokens], capacity, policy)
+    return seqs
+
+
+def _assert_rows_match_single_runs(model, batch: Sequences, prompts: list[list[int]], tol: float = 1e-6) -> None:
+    for row in range(batch.num_rows):
+        single = _single(model, prompts[row], batch.row_tokens(row), batch.capacity, batch.policy)
+        n = int(batch.length[row])
+        for stat in STATS:
+            diff = (getattr(single, stat)[0, :n] - getattr(batch, stat)[row, :n]).abs().max().item()
+            assert diff <= tol, f"row {row}: {stat} differs from the single-prompt run by {diff}"
+
+
+def test_scores_of_a_prompt_batch_equal_single_prompt_scores(models):
+    model, _ = models
+    texts = ["Hi", "Once upon a time there", "2 + 2 ="]
+    prompts = [model.encode(t) for t in texts]
+    order = [0, 1, 2, 1, 0, 2]
+    eos = model.eos_token_id
+    completions = [[104, 105, eos], [32] * 7, [50, 51, 52, 53, eos], [120], [33, 34, 35, 36, 37, 38, 39, 40], [eos]]
+    policy = PowerPolicy(alpha=3.0)
+    batch, _ = model.from_tokens([prompts[i] for i in order], completions, 8, policy)
+    assert batch.prompt_lengths.tolist() == [len(prompts[i]) for i in order]
+    _assert_rows_match_single_runs(model, batch, [prompts[i] for i in order], tol=1e-9)
+
+
+def test_sampling_and_kernel_steps_on_a_prompt_batch_match_single_runs(models):
+    model, reference = models
+    texts = ["The cat", "A long prompt about a dog that runs", "x"]
+    target = PowerDistribution(model, texts, alpha=2.0, max_new_tokens=12)
+    ref_target = PowerDistribution(reference, texts, alpha=2.0, max_new_tokens=12)
+    prompts = [p.tolist() for p in target.prompts]
+    row_prompts = [prompts[k] for k in target.empty(2).problem.tolist()]
+    state, _ = target.sample_proposal(2, torch.Generator().manual_seed(0))
+    ref_state, _ = ref_target.sample_proposal(2, torch.Generator().manual_seed(0))
+    # The KV pool path and the recompute-from-prompt path draw the same tokens (float64).
+    assert torch.equal(state.tokens, ref_state.tokens)
+    _assert_rows_match_single_runs(model, state, row_prompts)
+    for kernel in (MetropolisHastings(target), MultipleTryMetropolis(target, 3, local_width=3)):
+        for seed in range(3):
+            state, info = kernel.step(state, torch.Generator().manual_seed(seed))
+        _assert_rows_match_single_runs(model, state, row_prompts)
+    # Refill: rows of problem 1 replaced by fresh rows of problem 0, then grown; still exact per row.
+    fresh, _ = model.extend(target.rows_for([0] * state.num_rows), torch.zeros(state.num_rows, dtype=torch.long),
+                            generator=torch.Generator().manual_seed(5))  # fmt: skip
+    mixed = state.where(state.problem == 1, fresh)
+    mixed, _ = MetropolisHastings(target).step(mixed, torch.Generator().manual_seed(6))
+    _assert_rows_match_single_runs(model, mixed, [prompts[k] for k in mixed.problem.tolist()])
