@@ -7,14 +7,13 @@ import torch
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import (
-    METHODS,
-    MCMCMethod,
     Method,
     MethodResult,
     SamplerMethod,
     available_methods,
     load_method,
 )
+from egps_ppl.infer.mcmc_sampler import MCMCSampler
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.models.testbeds import random_markov
 from egps_ppl.target import PowerDistribution
@@ -117,7 +116,8 @@ def test_block_schedule_methods(lm):
 
 def test_kernel_specs_are_methods(lm):
     method = load_method("cycle(mh,egps)", steps=2)
-    assert isinstance(method, MCMCMethod) and method.name == "cycle(mh,egps)"
+    assert isinstance(method, SamplerMethod) and isinstance(method.sampler, MCMCSampler)
+    assert method.name == "cycle(mh,egps)"
     assert method.run(lm, [], T, 0).forward_calls >= 1
     with pytest.raises(EGPSError, match="unknown kernel"):
         load_method("cycle(mh,bogus)")
@@ -127,7 +127,7 @@ def test_unknown_methods_list_the_valid_ones():
     with pytest.raises(EGPSError) as err:
         load_method("greedy")
     message = str(err.value)
-    assert all(name in message for name in METHODS)
+    assert all(name in message for name in available_methods())
     with pytest.raises(EGPSError, match="steps"):
         load_method("mh", steps=0)
     with pytest.raises(EGPSError, match="alpha"):
@@ -135,7 +135,9 @@ def test_unknown_methods_list_the_valid_ones():
     with pytest.raises(EGPSError, match="n must be"):
         load_method("best-of-n", n=0)
     assert set(available_methods()) == set(ALL)
-    assert all(isinstance(load_method(name), SamplerMethod) for name in ("plain", "low-temp", "best-of-n"))
+    assert all(isinstance(load_method(name), SamplerMethod) for name in ALL)  # one adapter for every method
+    with pytest.raises(EGPSError, match="unknown sampler setting"):
+        load_method("mh", stepz=3)
 
 
 def test_smc_and_sps_are_library_samplers(lm):
@@ -173,3 +175,57 @@ def test_any_sampler_is_a_method(lm):
     result = method.run(lm, [], T, 5)
     seqs, _ = PowerDistribution(lm, [], 4.0, T).sample_proposal(2, torch.Generator().manual_seed(5))
     assert result.completion_ids == seqs.row_tokens(1) and result.extra["chosen"] == 1
+
+
+def test_mcmc_method_records_match_the_mcmc_runner(lm):
+    """The MCMC method is MCMCSampler behind SamplerMethod: the same run as MCMC(seed=unit seed), the same config
+    keys as the run directories written before the change (so --resume accepts them), the same record fields."""
+    from egps_ppl.infer import MCMC
+    from egps_ppl.kernels.presets import build_kernel
+
+    method = load_method("mh", steps=3)
+    assert method.config() == {
+        "name": "mh",
+        "alpha": 4.0,
+        "steps": 3,
+        "num_chains": 1,
+        "block_size": None,
+        "steps_per_block": None,
+        "adaptive": False,
+        "select": "best",
+    }
+    result = method.run(lm, [], T, 21)
+    target = PowerDistribution(lm, [], 4.0, T)
+    mcmc = MCMC(build_kernel("mh", target), num_samples=1, warmup_steps=2, num_chains=1, seed=21).run()
+    assert result.completion_ids == mcmc.state.row_tokens(0)
+    assert result.decode_tokens == int(mcmc.total_cost().decode_tokens.sum())
+    assert set(result.extra) == {"log_p", "chosen_chain", "final_acceptance_rate"}
+
+
+def test_mcmc_sampler_takes_the_generator_state():
+    """A used generator gives another run than a fresh one of the same seed, and the same state the same run."""
+    lm = random_markov(6, seed=4, eos_token_id=0, concentration=0.5)
+    target = PowerDistribution(lm, [], 4.0, T)
+    sampler = MCMCSampler("mh", steps=2, num_chains=8)
+    fresh = sampler.run(target, torch.Generator().manual_seed(3))
+    used = torch.Generator().manual_seed(3)
+    torch.rand(1, generator=used)
+    state = used.get_state()
+    a = sampler.run(target, used)
+    b = sampler.run(target, torch.Generator().set_state(state))
+    assert torch.equal(a.samples.tokens, b.samples.tokens)
+    assert not torch.equal(a.samples.tokens, fresh.samples.tokens)
+
+
+def test_registered_samplers_are_methods(lm):
+    from egps_ppl.infer.samplers import SAMPLERS, BestOfNSampler, register_sampler
+
+    register_sampler("best-of-3", lambda n=3: BestOfNSampler(n), "three samples, highest log p")
+    try:
+        assert "best-of-3" in available_methods()
+        method = load_method("best-of-3", steps=5)  # settings it does not take are left out
+        assert method.config() == {"name": "best-of-n", "n": 3, "alpha": 4.0}
+        assert load_method("best-of-3", n=2).sampler.n == 2
+        assert len(method.run(lm, [], T, 0).extra["log_p_all"]) == 3
+    finally:
+        del SAMPLERS["best-of-3"]

@@ -15,7 +15,8 @@ from eval_fixtures import FirstTokenTask
 from egps_ppl.cli import main
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import load_method
-from egps_ppl.evals.runner import RECORD_FIELDS, evaluate, read_results, unit_seed
+from egps_ppl.evals.runner import evaluate, unit_seed
+from egps_ppl.evals.store import RECORD_FIELDS, read_results
 from egps_ppl.models.testbeds import random_markov
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +222,8 @@ def test_ray_missing_is_a_one_line_error(tmp_path, problems_file, capsys, monkey
 
 def test_importing_the_package_does_not_import_ray():
     code = (
-        "import sys, egps_ppl, egps_ppl.evals, egps_ppl.evals.runner, egps_ppl.evals.ray_runner, egps_ppl.cli; "
+        "import sys, egps_ppl, egps_ppl.evals, egps_ppl.evals.runner, egps_ppl.evals.ray_runner, egps_ppl.cli, "
+        "egps_ppl.cli.eval; "
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -17,14 +17,8 @@ from eval_fixtures import FirstTokenTask
 from egps_ppl.cli import main
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import load_method
-from egps_ppl.evals.runner import (
-    RECORD_FIELDS,
-    evaluate,
-    evaluate_unit,
-    read_results,
-    summarize_results,
-    unit_seed,
-)
+from egps_ppl.evals.runner import evaluate, evaluate_unit, unit_seed
+from egps_ppl.evals.store import RECORD_FIELDS, read_results, summarize_results
 from egps_ppl.models.testbeds import random_markov
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from egps_ppl.errors import EGPSError
-from egps_ppl.evals.tasks import MATH_PROMPT, Problem, Task, available_tasks, load_task
+from egps_ppl.evals.tasks import (
+    MATH_PROMPT,
+    TASKS,
+    WORKED_EXAMPLES,
+    Problem,
+    Task,
+    available_tasks,
+    few_shot_messages,
+    load_task,
+    register_task,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GPQA_CSV = FIXTURES / "gpqa_sample.csv"
@@ -123,9 +133,11 @@ def test_arithmetic_grading() -> None:
 
 
 def test_arithmetic_prompt_needs_a_tokenizer() -> None:
+    from egps_ppl.models.testbeds import random_markov
+
     task = load_task("arithmetic")
     with pytest.raises(EGPSError, match="tokenizer"):
-        task.build_prompt(task.problems(1)[0], _FakeLM())
+        task.build_prompt(task.problems(1)[0], random_markov(3, seed=0))
 
 
 # --------------------------------------------------------------------------------------------------- GPQA
@@ -258,12 +270,41 @@ def test_unknown_task_names_the_known_ones() -> None:
         load_task("mmlu")
     with pytest.raises(EGPSError, match="integer seed"):
         load_task("arithmetic:abc")
-    assert set(available_tasks()) == {"arithmetic", "math500", "humaneval", "gpqa", "jsonl"}
+    assert set(available_tasks()) == {"arithmetic", "math500", "humaneval", "jsonl"} | {
+        "gpqa",
+        "gpqa-main",
+        "gpqa-diamond",
+        "gpqa-extended",
+    }
+
+
+def test_registered_tasks_load_by_prefix(tmp_path: Path) -> None:
+    seen = []
+
+    class Echo:
+        name = "echo"
+
+        def problems(self, limit=None):
+            return [Problem("a", "x", "y")][:limit]
+
+    def factory(arg, *, seed=0, chat=None):
+        seen.append((arg, seed, chat))
+        return Echo()
+
+    register_task("Echo", factory, "echo or echo:ARG")
+    try:
+        assert isinstance(load_task("echo:some:thing", seed=3, chat=True), Echo)
+        assert seen == [("some:thing", 3, True)]
+        with pytest.raises(EGPSError, match=r"unknown task 'nope'.*echo or echo:ARG"):
+            load_task("nope")
+    finally:
+        del TASKS["echo"]
+    with pytest.raises(EGPSError, match="without ':'"):
+        register_task("a:b", factory, "bad")
 
 
 def test_prompts_with_a_real_tokenizer() -> None:
     """The arithmetic prompt carries the worked examples and the question; MATH500's is the raw papers' text."""
-    from egps_ppl.demo import WORKED_EXAMPLES
     from egps_ppl.models.registry import load_model
 
     lm = load_model("tiny-gpt2")
@@ -275,3 +316,25 @@ def test_prompts_with_a_real_tokenizer() -> None:
     math500 = load_task("math500")
     first = math500.problems(1)[0]
     assert lm.decode(math500.build_prompt(first, lm)) == MATH_PROMPT.format(problem=first.prompt)
+
+
+def test_arithmetic_prompt_uses_the_chat_template_where_there_is_one() -> None:
+    """The few-shot turns go through the template of a chat model; a model without one gets their text."""
+    from egps_ppl.models.registry import ByteTokenizer, load_model
+
+    class Templated(ByteTokenizer):
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+            return self.encode(text)
+
+    lm = load_model("tiny-gpt2")
+    problem = load_task("arithmetic").problems(1)[0]
+    plain = lm.decode(load_task("arithmetic").build_prompt(problem, lm))
+    assert plain == "\n\n".join(m["content"] for m in few_shot_messages(problem.prompt))
+    lm.tokenizer = Templated()
+    chat = lm.decode(load_task("arithmetic").build_prompt(problem, lm))
+    assert chat.startswith("<user>") and chat.endswith(f"{problem.prompt}<assistant>") and chat.count("<user>") == 3
+    math500 = load_task("math500", chat=True)
+    assert lm.decode(math500.build_prompt(math500.problems(1)[0], lm)).startswith("<user>Can you solve")

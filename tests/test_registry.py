@@ -1,4 +1,5 @@
-"""Named models: registry lookup, the tiny test models, Markov files, chat prompts, clear errors."""
+"""Named models: registry lookup and registration, the tiny test models, Markov files, chat encoding, clear
+errors."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from egps_ppl.models import registry
 from egps_ppl.models.hf import HFModel
 from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.models.registry import ByteTokenizer, available_models, chat_prompt, load_model
+from egps_ppl.models.registry import MODELS, ByteTokenizer, available_models, load_model, register_model
 
 
 def test_available_models_lists_registry_names() -> None:
@@ -51,10 +52,12 @@ def test_byte_tokenizer_round_trip() -> None:
     assert model.decode(ids) == text
     assert model.decode([*ids, 256]) == text  # EOS dropped
     assert ByteTokenizer().decode([104, 256, 105], skip_special_tokens=False) == "h<|eos|>i"
-    assert chat_prompt(model, "hi") == [104, 105]  # no chat template: plain encoding
+    assert not model.has_chat_template
+    with pytest.raises(EGPSError, match="'tiny-gpt2' has no chat template"):
+        model.encode_chat([{"role": "user", "content": "hi"}])
 
 
-def test_chat_prompt_uses_the_template_when_present() -> None:
+def test_encode_chat_uses_the_template_when_present() -> None:
     class Templated(ByteTokenizer):
         chat_template = "{{ messages }}"
 
@@ -64,7 +67,29 @@ def test_chat_prompt_uses_the_template_when_present() -> None:
 
     model = load_model("tiny-gpt2")
     model.tokenizer = Templated()
-    assert chat_prompt(model, "ok") == [1, 111, 107, 2]
+    assert model.has_chat_template
+    assert model.encode_chat([{"role": "user", "content": "ok"}]) == [1, 111, 107, 2]
+    markov = MarkovLM([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], eos_token_id=0)
+    assert not markov.has_chat_template
+    with pytest.raises(EGPSError, match="no chat template"):
+        markov.encode_chat([{"role": "user", "content": "ok"}])
+
+
+def test_registered_models_load_by_name_and_may_be_any_backend() -> None:
+    def factory(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> MarkovLM:
+        return MarkovLM([0.5, 0.5], [[0.9, 0.1], [0.2, 0.8]], eos_token_id=1)
+
+    register_model("two-state", factory, "a two-state Markov chain")
+    try:
+        assert isinstance(load_model("two-state"), MarkovLM)
+        assert ("two-state", "a two-state Markov chain") in available_models()
+        with pytest.raises(EGPSError) as info:
+            load_model("no-such-model")
+        assert "two-state" in str(info.value)
+    finally:
+        del MODELS["two-state"]
+    with pytest.raises(EGPSError, match="non-empty"):
+        register_model(" ", factory, "nameless")
 
 
 def test_tiny_model_samples_through_the_protocol() -> None:

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from egps_ppl.infer.samplers import BestOfNSampler, LowTempSampler, PlainSampler, Sampler
+from egps_ppl.infer.samplers import (
+    SAMPLERS,
+    BestOfNSampler,
+    LowTempSampler,
+    PlainSampler,
+    Sampler,
+    available_samplers,
+    load_sampler,
+)
 from egps_ppl.models.exact import ExactPower
 from egps_ppl.models.testbeds import branch_probabilities, random_markov, sparse_decision
 from egps_ppl.target import PowerDistribution
@@ -92,3 +100,27 @@ def test_pearson_test_refuses_log_probabilities():
 
     with pytest.raises(EGPSError, match="needs probabilities"):
         pearson_test(torch.tensor([5, 5]), torch.tensor([-0.7, -0.7]))
+
+
+def test_samplers_by_name():
+    """One registry: the built-in names, kernel specs as MCMC, settings each sampler takes, clear errors."""
+    from egps_ppl.errors import EGPSError
+    from egps_ppl.infer import MCMCSampler, PowerSMC, ScalablePowerSampler
+
+    assert set(available_samplers()) == set(SAMPLERS) >= {"plain", "low-temp", "best-of-n", "smc", "sps", "egps"}
+    assert isinstance(load_sampler("plain", n=5, steps=2), PlainSampler)  # n is best-of-n's, steps MCMC's
+    assert load_sampler("best-of-n", n=5).n == 5
+    assert load_sampler("smc", particles=7, ess_every=3).config()["check_every"] == 3
+    sps = load_sampler("sps", top_k=3, rollouts=2, horizon=None, block_size=4, n=9)
+    assert isinstance(sps, ScalablePowerSampler) and sps.block_size == 4 and sps.n == 1 and sps.horizon is None
+    assert isinstance(load_sampler("smc"), PowerSMC)
+    mixture = load_sampler("mixture(mh:0.7, egps:0.3)", steps=2, num_chains=3)
+    assert isinstance(mixture, MCMCSampler) and mixture.name == "mixture(mh:0.7,egps:0.3)"
+    assert mixture.num_chains == 3
+    for spec, message in (("greedy", "unknown method 'greedy'"), ("cycle(mh,bogus)", "unknown kernel")):
+        with pytest.raises(EGPSError, match=message):
+            load_sampler(spec)
+    with pytest.raises(EGPSError, match="unknown sampler setting"):
+        load_sampler("plain", particle=3)
+    with pytest.raises(EGPSError, match="adaptive schedule needs a block size"):
+        load_sampler("mh", adaptive=True)

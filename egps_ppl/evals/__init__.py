@@ -11,11 +11,12 @@ _LAZY = {
     "MethodResult": "egps_ppl.evals.methods",
     "available_methods": "egps_ppl.evals.methods",
     "load_method": "egps_ppl.evals.methods",
+    "SamplerMethod": "egps_ppl.evals.methods",
     "evaluate": "egps_ppl.evals.runner",
     "evaluate_unit": "egps_ppl.evals.runner",
     "evaluate_ray": "egps_ppl.evals.ray_runner",  # Ray itself is imported only when it runs
-    "read_results": "egps_ppl.evals.runner",
-    "summarize_results": "egps_ppl.evals.runner",
+    "read_results": "egps_ppl.evals.store",
+    "summarize_results": "egps_ppl.evals.store",
     "write_report": "egps_ppl.evals.report",
 }
 
@@ -33,6 +34,7 @@ __all__ = [
     "Method",
     "MethodResult",
     "Problem",
+    "SamplerMethod",
     "SandboxResult",
     "Task",
     "available_methods",

@@ -2,12 +2,13 @@
 
 How it works
 ------------
-The driver (this process) plans the run exactly like :func:`~egps_ppl.evals.runner.evaluate` (same checks, same
-``config.json``, same resume logic), then starts ``num_workers`` actors. Each actor loads **one** model, once, and
-computes one (problem, seed) unit per call with :func:`~egps_ppl.evals.runner.evaluate_unit`, the seam the local
-loop uses too. Each actor holds at most one unit at a time; as soon as a unit finishes, the driver appends its
-record to the same ``results.jsonl`` (one fsync'ed line, the same record) and hands that actor the next unit. The
-summary, ``summary.json`` and the plot are written by the same code as the local runner's.
+The driver (this process) plans the run exactly like :func:`~egps_ppl.evals.runner.evaluate`, with the same run
+store (:mod:`egps_ppl.evals.store`: same checks, same ``config.json``, same resume logic), then starts
+``num_workers`` actors. Each actor loads **one** model, once, and computes one (problem, seed) unit per call with
+:func:`~egps_ppl.evals.runner.evaluate_unit`, the seam the local loop uses too. Each actor holds at most one unit
+at a time; as soon as a unit finishes, the driver appends its record to the same ``results.jsonl`` (one fsync'ed
+line, the same record) and hands that actor the next unit. The summary, ``summary.json`` and the plot are written
+by the same code as the local runner's.
 
 Because the generator of a unit is seeded by :func:`~egps_ppl.evals.runner.unit_seed` ``(seed, problem.id)``,
 the records are the local runner's records (same completions); only their order in the file and the timings
@@ -46,13 +47,12 @@ from typing import Any
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import Method
-from egps_ppl.evals.runner import (
+from egps_ppl.evals.runner import evaluate_unit, model_name
+from egps_ppl.evals.store import (
     RESULTS_FILE,
     ResultWriter,
-    _check_seeds,
-    _model_name,
     check_out_dir,
-    evaluate_unit,
+    check_seeds,
     finish_run,
     plan_run,
     read_results,
@@ -130,7 +130,7 @@ class UnitWorker:
 
     def info(self) -> dict[str, Any]:
         """The model's name and this process's id (raises the model's load error, if any)."""
-        return {"model": _model_name(self._model()), "pid": os.getpid()}
+        return {"model": model_name(self._model()), "pid": os.getpid()}
 
     def run(self, index: int, problem: Problem, seed: int) -> dict[str, Any]:
         """The record of one unit (:func:`~egps_ppl.evals.runner.evaluate_unit`)."""
@@ -226,7 +226,7 @@ def evaluate_ray(
         For bad settings, Ray missing, a model that does not load, or units given up after ``max_retries``
         (after every other unit was written and the summary saved: ``--resume`` retries them).
     """
-    seeds = _check_seeds(seeds)
+    seeds = check_seeds(seeds)
     _check_count("--ray-workers", num_workers, 1)
     if num_workers is not None and not isinstance(num_workers, int):
         raise EGPSError(f"--ray-workers must be an integer, got {num_workers!r}")
@@ -297,7 +297,7 @@ def _default_workers(ray: Any, cpus_per_worker: float, gpus_per_worker: float) -
 
 
 def _pending_units(task: Task, seeds: list[int], limit: int | None, out_dir: str | Path, resume: bool) -> int:
-    """How many units :func:`~egps_ppl.evals.runner.plan_run` will find left (the file is only read here)."""
+    """How many units :func:`~egps_ppl.evals.store.plan_run` will find left (the file is only read here)."""
     problems = task.problems(limit)
     records = read_results(Path(out_dir) / RESULTS_FILE) if resume else []
     finished = {(r["problem_id"], int(r["seed"])) for r in records}

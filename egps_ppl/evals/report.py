@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from egps_ppl.errors import EGPSError
-from egps_ppl.evals.runner import (
+from egps_ppl.evals.store import (
     CONFIG_FILE,
     RESULTS_FILE,
     SUMMARY_FILE,
     plot_accuracy_vs_compute,
     read_results,
+    run_label,
     summarize_results,
 )
-from egps_ppl.evals.runner import _label as run_label
 
 __all__ = ["load_run_summary", "render_table", "write_report"]
 

