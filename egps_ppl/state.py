@@ -69,6 +69,9 @@ class Sequences:
     problem:
         ``LongTensor[C]``, the problem (prompt) index of each row in a batch over problems; ``None`` for one
         prompt.
+    stream:
+        ``LongTensor[C]``, the random stream of each row when sampling with per-row streams
+        (:class:`~egps_ppl.rng.Streams`); ``None`` when the batch shares one generator.
 
     Notes
     -----
@@ -101,6 +104,7 @@ class Sequences:
     eos_token_id: int | None
     cache: RowCache | None = None
     problem: torch.Tensor | None = None
+    stream: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -245,6 +249,9 @@ class Sequences:
             raise ValueError("Sequences.where: one batch has problem indices and the other has none")
         if self.problem is not None:
             problem = torch.where(take_other, other.problem, self.problem)
+        if (self.stream is None) != (other.stream is None):
+            raise ValueError("Sequences.where: one batch has random streams and the other has none")
+        stream = None if self.stream is None else torch.where(take_other, other.stream, self.stream)
         if self.cache is None and other.cache is None:
             cache = None
         elif self.cache is None:
@@ -256,6 +263,7 @@ class Sequences:
             self,
             prompt=prompt,
             problem=problem,
+            stream=stream,
             tokens=torch.where(mask2, other.tokens, self.tokens),
             length=torch.where(take_other, other.length, self.length),
             logp=torch.where(mask2, other.logp, self.logp),
@@ -273,6 +281,7 @@ class Sequences:
             self,
             prompt=self.prompt[index.to(self.prompt.device)] if self.per_row_prompt else self.prompt,
             problem=None if self.problem is None else self.problem[index],
+            stream=None if self.stream is None else self.stream[index],
             tokens=self.tokens[index],
             length=self.length[index],
             logp=self.logp[index],

@@ -13,6 +13,7 @@ from egps_ppl.kernels.sites import EntropyJumpSite
 from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.models.registry import tiny_gpt2, tiny_llama
 from egps_ppl.models.testbeds import random_markov
+from egps_ppl.rng import Streams
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 from egps_ppl.testing import assert_invariant, check_invariance
@@ -57,7 +58,7 @@ def test_plate_rows_and_errors():
     assert target.num_prompts == 4 and target.batched
     rows = target.rows_for([3, 0, 3])
     assert rows.problem.tolist() == [3, 0, 3] and rows.prompt_lengths.tolist() == [1, 0, 1]
-    with pytest.raises(EGPSError, match="use target.prompts"):
+    with pytest.raises(EGPSError, match=r"use target\.prompts"):
         _ = target.prompt
     with pytest.raises(EGPSError, match="problem indices"):
         target.rows_for([4])
@@ -117,7 +118,7 @@ def test_sampling_and_kernel_steps_on_a_prompt_batch_match_single_runs(models):
     _assert_rows_match_single_runs(model, state, row_prompts)
     for kernel in (MetropolisHastings(target), MultipleTryMetropolis(target, 3, local_width=3)):
         for seed in range(3):
-            state, info = kernel.step(state, torch.Generator().manual_seed(seed))
+            state, _ = kernel.step(state, torch.Generator().manual_seed(seed))
         _assert_rows_match_single_runs(model, state, row_prompts)
     # Refill: rows of problem 1 replaced by fresh rows of problem 0, then grown; still exact per row.
     fresh, _ = model.extend(target.rows_for([0] * state.num_rows), torch.zeros(state.num_rows, dtype=torch.long),
@@ -125,3 +126,54 @@ def test_sampling_and_kernel_steps_on_a_prompt_batch_match_single_runs(models):
     mixed = state.where(state.problem == 1, fresh)
     mixed, _ = MetropolisHastings(target).step(mixed, torch.Generator().manual_seed(6))
     _assert_rows_match_single_runs(model, mixed, [prompts[k] for k in mixed.problem.tolist()])
+
+
+# ---------------------------------------------------------------- per-row random streams
+
+
+def _run_unit_rows(target, problems, seeds, kernel_spec, steps, refill_at=None):
+    """Rows of ``problems`` with streams seeded by ``seeds``: a low-temperature start then ``steps`` kernel steps.
+    With ``refill_at``, the rows of problem 0 are replaced by fresh rows (new streams) after that many steps."""
+    streams = Streams(seeds)
+    rows = target.rows_for(problems).with_(stream=torch.arange(len(seeds)))
+    state, _ = target.lm.extend(rows, torch.zeros(rows.num_rows, dtype=torch.long), generator=streams)
+    kernel = build_kernel(kernel_spec, target)
+    for step in range(steps):
+        if step == refill_at:
+            fresh_streams = torch.tensor([streams.add(1000 + i) for i in range(state.num_rows)])
+            fresh = target.rows_for([0] * state.num_rows).with_(stream=fresh_streams)
+            fresh, _ = target.lm.extend(fresh, torch.zeros(state.num_rows, dtype=torch.long), generator=streams)
+            state = state.where(state.problem == 0, fresh)
+        state, _ = kernel.step(state, streams)
+    return state
+
+
+@pytest.mark.parametrize("kernel", ["mh", "mtm", "egps", "mixture(mh:0.5,mtm:0.5)", "entropy-cut-mh"])
+def test_a_unit_with_its_own_streams_does_not_depend_on_its_batch(kernel):
+    target = PowerDistribution(MODEL, [list(p) for p in PROMPTS], alpha=2.0, max_new_tokens=6)
+    alone = _run_unit_rows(target, [2, 2, 2], [100, 101, 102], kernel, steps=6)
+    mixed = _run_unit_rows(target, [0, 2, 1, 2, 0, 2], [7, 100, 8, 101, 9, 102], kernel, steps=6, refill_at=3)
+    unit = mixed.take(torch.tensor([1, 3, 5]))
+    assert torch.equal(unit.tokens, alone.tokens) and torch.equal(unit.length, alone.length)
+    # Without streams the shared generator makes the unit depend on its neighbours.
+    g = torch.Generator().manual_seed(0)
+    shared = target.lm.extend(target.rows_for([0, 2, 2, 2]), torch.zeros(4, dtype=torch.long), generator=g)[0]
+    g = torch.Generator().manual_seed(0)
+    shared_alone = target.lm.extend(target.rows_for([2, 2, 2]), torch.zeros(3, dtype=torch.long), generator=g)[0]
+    assert not torch.equal(shared.tokens[1:], shared_alone.tokens)
+
+
+def test_streams_on_a_transformers_model_float64():
+    model = tiny_gpt2(dtype="float64")
+    target = PowerDistribution(model, ["The cat", "A much longer prompt here", "x"], alpha=2.0, max_new_tokens=10)
+    alone = _run_unit_rows(target, [1, 1], [5, 6], "mtm", steps=3)
+    mixed = _run_unit_rows(target, [0, 1, 2, 1], [1, 5, 2, 6], "mtm", steps=3, refill_at=1)
+    unit = mixed.take(torch.tensor([1, 3]))
+    assert torch.equal(unit.tokens, alone.tokens)
+    torch.testing.assert_close(unit.logp, alone.logp, atol=1e-9, rtol=0)
+
+
+def test_streams_need_a_stream_per_row():
+    target = PowerDistribution(MODEL, [2], alpha=2.0, max_new_tokens=4)
+    with pytest.raises(EGPSError, match="stream of every row"):
+        target.lm.extend(target.empty(2), torch.zeros(2, dtype=torch.long), generator=Streams([1, 2]))

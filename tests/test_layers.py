@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "egps_ppl"
 
 LAYERS = (
     "errors",
+    "rng",
     "state",
     "models",
     "target",

@@ -9,6 +9,7 @@ import torch
 
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator, uniform
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -163,7 +164,7 @@ def parts_name(prefix: str, selector: object, proposal: object, *extras: str) ->
 
 
 def metropolis_accept(
-    log_ratio: torch.Tensor, current_lp: torch.Tensor, generator: torch.Generator | None
+    log_ratio: torch.Tensor, current_lp: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept with probability ``min(1, exp(log_ratio))``; return ``(accepted, accept_prob)``.
 
@@ -176,8 +177,10 @@ def metropolis_accept(
         ``float64[C]``, the log acceptance ratios.
     current_lp : torch.Tensor
         ``float64[C]``, ``log π`` of the current states.
-    generator : torch.Generator or None
+    generator : torch.Generator, Streams or None
         Source of the uniform draws (on the CPU, so results do not depend on the device).
+    streams : torch.Tensor, optional
+        ``long[C]``, each chain's stream (``state.stream``) when ``generator`` is a :class:`~egps_ppl.rng.Streams`.
 
     Returns
     -------
@@ -194,5 +197,5 @@ def metropolis_accept(
     log_ratio = torch.where(stuck & ~torch.isnan(log_ratio), torch.full_like(log_ratio, torch.inf), log_ratio)
     log_ratio = torch.nan_to_num(log_ratio, nan=-torch.inf, posinf=torch.inf)
     accept_prob = log_ratio.clamp(max=0.0).exp()
-    u = torch.rand(log_ratio.shape, dtype=torch.float64, generator=generator, device="cpu").to(log_ratio.device)
+    u = uniform(generator, log_ratio.numel(), streams).to(log_ratio.device)
     return u.log() < log_ratio, accept_prob

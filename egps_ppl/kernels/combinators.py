@@ -9,6 +9,7 @@ import torch
 from egps_ppl.errors import EGPSError
 from egps_ppl.kernels.base import Kernel, StepInfo
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import categorical
 from egps_ppl.state import Sequences
 
 
@@ -96,7 +97,7 @@ class Mixture(Kernel):
 
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
         num = state.num_rows
-        choice = torch.multinomial(self.weights, num, replacement=True, generator=generator).to(state.device)
+        choice = categorical(self.weights, num, generator, state.stream).to(state.device)
         info = StepInfo.idle(num, state.device)
         result = state
         for j, kernel in enumerate(self.kernels):

@@ -70,7 +70,7 @@ class MetropolisHastings(Kernel):
     def step(self, state: Sequences, generator: torch.Generator | None = None) -> tuple[Sequences, StepInfo]:
         state, cost = self.prepare(state)
         site_lp = self.selector.log_probs(state)
-        cut = sample_sites(site_lp, generator)
+        cut = sample_sites(site_lp, generator, state.stream)
         tries = self.proposal.propose(self.target, state, cut, 1, generator)
         proposed = tries.seqs
         current_lp = self.target.log_prob(state)
@@ -82,7 +82,7 @@ class MetropolisHastings(Kernel):
             + site_log_prob(self.selector.log_probs(proposed), cut)
             - site_log_prob(site_lp, cut)
         )
-        accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator)
+        accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator, state.stream)
         moved = tries.valid[:, 0] & (cut >= 0)
         accepted &= moved
         accept_prob = torch.where(moved, accept_prob, torch.zeros_like(accept_prob))

@@ -10,6 +10,7 @@ from egps_ppl.kernels.proposals import Proposal, SuffixProposal, Tries, WindowPr
 from egps_ppl.kernels.sites import SiteSelector, UniformSite, sample_sites, site_log_prob
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator, categorical
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -120,7 +121,7 @@ class MultipleTryMetropolis(Kernel):
         k = self.num_tries
         state, cost = self.prepare(state)
         site_lp = self.selector.log_probs(state)
-        cut = sample_sites(site_lp, generator)
+        cut = sample_sites(site_lp, generator, state.stream)
         tries = self.proposal.propose(self.target, state, cut, k, generator)
         cost = cost + tries.cost
         current_lp = self.target.log_prob(state)
@@ -128,7 +129,7 @@ class MultipleTryMetropolis(Kernel):
         log_w_back = current_lp.unsqueeze(1) - tries.log_q_reverse  # w(x, y_j) = π(x) / q(x | y_j)
         balanced = self.weights == "balanced"
         select_w = 0.5 * (log_w - log_w_back) if balanced else log_w
-        chosen_j = _pick(select_w, generator) if k > 1 else torch.zeros_like(cut)
+        chosen_j = _pick(select_w, generator, state.stream) if k > 1 else torch.zeros_like(cut)
         chosen = tries.pick(chosen_j)
 
         def at_j(values: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ class MultipleTryMetropolis(Kernel):
         log_ratio = (
             forward - backward + site_log_prob(self.selector.log_probs(chosen), cut) - site_log_prob(site_lp, cut)
         )
-        accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator)
+        accepted, accept_prob = metropolis_accept(log_ratio, current_lp, generator, state.stream)
         moved = at_j(tries.valid) & (cut >= 0)
         accepted &= moved
         accept_prob = torch.where(moved, accept_prob, torch.zeros_like(accept_prob))
@@ -163,9 +164,9 @@ class MultipleTryMetropolis(Kernel):
         return new_state, StepInfo.from_cost(accepted, accept_prob, cut, cost)
 
 
-def _pick(log_w: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(log_w: torch.Tensor, generator: Generator, streams: torch.Tensor | None) -> torch.Tensor:
     """One index per row ∝ exp(log_w); index 0 for rows where every weight is 0."""
     finite = torch.isfinite(log_w).any(1, keepdim=True)
     safe = torch.where(finite, log_w, torch.zeros_like(log_w))
     probs = (safe - safe.max(1, keepdim=True).values).exp()
-    return torch.multinomial(probs.float().cpu(), 1, generator=generator).squeeze(1).to(log_w.device)
+    return categorical(probs, log_w.shape[0], generator, streams).to(log_w.device)

@@ -30,6 +30,7 @@ import torch
 from egps_ppl.errors import EGPSError
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import categorical
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -275,7 +276,7 @@ class WindowProposal:
         """Resample each chain's window after its cut ``num_tries`` times and rescore the kept tail."""
         _check_tries(num_tries)
         lm = target.lm
-        pick = torch.multinomial(self.weights, state.num_rows, replacement=True, generator=generator)
+        pick = categorical(self.weights, state.num_rows, generator, state.stream)
         width = self.widths[pick].to(state.device)
         base, cut_r = replicate(state, cut, num_tries)
         end = cut_r + (width.repeat_interleave(num_tries) if num_tries > 1 else width)

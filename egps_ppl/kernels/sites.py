@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from egps_ppl.models.base import sample_from_cdf
+from egps_ppl.rng import Generator
 from egps_ppl.state import Sequences
 
 
@@ -52,15 +53,17 @@ class UniformSite:
         return "UniformSite()"
 
 
-def sample_sites(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_sites(log_probs: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None) -> torch.Tensor:
     """One site per row from ``exp(log_probs[C, T])``; -1 for rows with no allowed site.
 
     Parameters
     ----------
     log_probs : torch.Tensor
         ``float64[C, T]`` from a selector's ``log_probs``.
-    generator : torch.Generator or None
+    generator : torch.Generator, Streams or None
         Source of randomness.
+    streams : torch.Tensor, optional
+        ``long[C]``, each row's stream when ``generator`` is a :class:`~egps_ppl.rng.Streams`.
 
     Returns
     -------
@@ -71,7 +74,7 @@ def sample_sites(log_probs: torch.Tensor, generator: torch.Generator | None) -> 
     top = torch.where(allowed, log_probs.max(1).values, torch.zeros_like(log_probs[:, 0]))
     weights = (log_probs - top.unsqueeze(1)).exp()  # exp(-inf) = 0 for disallowed sites
     weights[~allowed, 0] = 1.0  # any valid index; these rows get -1 below
-    sites = sample_from_cdf(torch.cumsum(weights, dim=1), generator)
+    sites = sample_from_cdf(torch.cumsum(weights, dim=1), generator, streams)
     return torch.where(allowed, sites, torch.full_like(sites, -1))
 
 

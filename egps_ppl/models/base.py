@@ -21,6 +21,7 @@ import torch
 
 from egps_ppl.errors import EGPSError, NumericalError, check_positive_int
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator, uniform
 from egps_ppl.state import PAD, RowCache, Sequences
 
 
@@ -116,14 +117,15 @@ def next_token_stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
     return NextToken(logp, logq, entropy, logz)
 
 
-def sample_tokens(logq: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(logq: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row from ``exp(logq[C, V])`` by inverting the CDF (zero-probability tokens never come out)."""
-    return sample_from_cdf(torch.cumsum(logq.exp(), dim=-1), generator)
+    return sample_from_cdf(torch.cumsum(logq.exp(), dim=-1), generator, streams)
 
 
-def sample_from_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row given unnormalised cumulative weights ``cdf[C, V]``."""
-    u = torch.rand(cdf.shape[0], dtype=cdf.dtype, generator=generator, device="cpu").to(cdf.device)
+def sample_from_cdf(cdf: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row given unnormalised cumulative weights ``cdf[C, V]`` (row ``c`` from stream ``streams[c]``
+    when ``generator`` is a :class:`~egps_ppl.rng.Streams`)."""
+    u = uniform(generator, cdf.shape[0], streams, dtype=cdf.dtype).to(cdf.device)
     draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     # Rounding can put u * total at the total itself: fall back to the last token with positive weight.
     last_positive = (cdf < cdf[:, -1:]).sum(1)

@@ -562,7 +562,7 @@ class HFModel(LanguageModel):
         while True:
             rows = active.nonzero().flatten()
             rows_d = rows.to(dev)
-            new = sample_tokens(nxt.logq[rows_d], generator).to(dev)
+            new = sample_tokens(nxt.logq[rows_d], generator, None if out.stream is None else out.stream[rows]).to(dev)
             pos = length[rows]
             tokens[rows, pos] = new.cpu()
             logp[rows, pos] = nxt.logp[rows_d, new].double().cpu()

@@ -15,6 +15,7 @@ import torch
 from egps_ppl.errors import EGPSError, ModelFileError
 from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_from_cdf
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator, Streams
 from egps_ppl.state import PAD, STAT_NAMES, Sequences
 
 ROW_TOLERANCE = 1e-6
@@ -144,7 +145,7 @@ class MarkovLM(LanguageModel):
         seqs: Sequences,
         start: torch.Tensor,
         stop: torch.Tensor | int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> tuple[Sequences, Cost]:
         self._check_start(seqs, start)
         stop_t = self._stop_tensor(seqs, stop)
@@ -161,7 +162,14 @@ class MarkovLM(LanguageModel):
         decoded = torch.zeros_like(length)
         calls = 0
         while bool(active.any()):
-            new = sample_from_cdf(cdf[prev], generator)
+            if isinstance(generator, Streams):  # only active rows draw, each from its own stream
+                rows = active.nonzero().flatten()
+                new = prev.clone()
+                new[rows] = sample_from_cdf(
+                    cdf[prev[rows]], generator, None if seqs.stream is None else seqs.stream[rows]
+                )
+            else:
+                new = sample_from_cdf(cdf[prev], generator)
             slot = torch.where(active, length, seqs.capacity).unsqueeze(1)
             tokens.scatter_(1, slot, new.unsqueeze(1))
             columns["logp"].scatter_(1, slot, stats.logp[prev, new].unsqueeze(1))
