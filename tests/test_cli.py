@@ -168,8 +168,8 @@ def test_hf_prompt_errors(tmp_path, capsys):
             "--max-new-tokens", "8", "--out", str(out), "--no-progress"]  # fmt: skip
     cases = [
         (["--prompt", "   "], "the prompt is empty"),
-        (["--prompt", "x" * 600], "exceeds the context window"),
-        (["--prompt", "hi", "--max-new-tokens", "600"], "exceeds the context window"),
+        (["--prompt", "x" * 5000], "exceeds the context window"),
+        (["--prompt", "hi", "--max-new-tokens", "5000"], "exceeds the context window"),
         (["--prompt", "hi", "--out", str(tmp_path / "run.txt")], "--out must end in .nc"),
     ]
     for extra, message in cases:
@@ -177,6 +177,9 @@ def test_hf_prompt_errors(tmp_path, capsys):
         assert main(args) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert main([*base, "--prompt", "hi", "--chat"]) == 2  # an explicit --chat needs a chat template
+    err = capsys.readouterr().err
+    assert "'tiny-gpt2' has no chat template" in err and err.count("\n") == 1, err
     assert not out.exists()
     assert main([*base, "--prompt", "Once upon a time"]) == 0
     assert "Once upon" not in capsys.readouterr().err

@@ -270,3 +270,122 @@ def test_kill_and_resume_from_the_command_line(tmp_path, problems_file):
     assert summary["complete"] and summary["computed_this_run"] == 12 - len(finished)
     if killed:
         assert len(finished) < 12
+
+
+# ------------------------------------------------------------------------ the built-in tasks on the fast model
+
+
+@pytest.mark.parametrize(("task", "limit"), [("arithmetic", 2), ("humaneval", 1)])
+def test_builtin_tasks_run_on_the_builtin_fast_model(tmp_path, capsys, task, limit):
+    """tiny-gpt2's context holds the arithmetic prompt (541 byte tokens) and HumanEval's, with the default 256 new
+    tokens; HumanEval is graded by running its tests."""
+    out = tmp_path / task
+    args = ["eval", "--task", task, "--model", "tiny-gpt2", "--method", "plain", "--limit", str(limit)]
+    assert main([*args, "--out", str(out), "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+    records = read_results(out / "results.jsonl")
+    assert len(records) == limit and all(r["prompt_tokens"] > 300 for r in records)
+    if task == "humaneval":
+        assert records[0]["problem_id"] == "HumanEval/0" and records[0]["grade_detail"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["n_results"] == limit
+
+
+# ------------------------------------------------------------------------ chat template and empty completions
+
+
+class _Templated:
+    """A byte tokenizer with a chat template that marks each turn, for a tiny model posing as a chat model."""
+
+    def __init__(self):
+        from egps_ppl.models.registry import ByteTokenizer
+
+        self.inner = ByteTokenizer()
+        self.chat_template = "{{ messages }}"
+        self.vocab_size, self.eos_token_id, self.bos_token_id, self.pad_token_id = 257, 256, 256, None
+
+    def __len__(self):
+        return 257
+
+    def encode(self, text, add_special_tokens=False):
+        return self.inner.encode(text)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.inner.decode(ids, skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return self.encode("".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>")
+
+
+@pytest.fixture
+def registered():
+    """Register models and tasks for one test; remove them afterwards."""
+    from egps_ppl.evals.tasks import TASKS
+    from egps_ppl.models.registry import CHAT_MODELS, MODELS
+
+    names = []
+    yield names
+    for kind, name in names:
+        (MODELS if kind == "model" else TASKS).pop(name, None)
+        CHAT_MODELS.discard(name)
+
+
+def _templated_tiny(name):
+    def factory(device="cpu", dtype="float32", **kwargs):
+        from egps_ppl.models.registry import load_model
+
+        lm = load_model("tiny-gpt2", device=device, dtype=dtype, **kwargs)
+        lm.tokenizer, lm.name = _Templated(), name
+        return lm
+
+    return factory
+
+
+def test_jsonl_prompts_use_the_chat_template_of_a_chat_model(tmp_path, problems_file, registered):
+    """A chat model gets the template by default (an instruct model given the raw text mostly says nothing);
+    --no-chat and --chat override; a base model whose tokenizer has a template keeps the raw prompt."""
+    from egps_ppl.models.registry import register_model
+
+    register_model("tiny-chat", _templated_tiny("tiny-chat"), "tiny-gpt2 posing as a chat model", chat=True)
+    register_model("tiny-base", _templated_tiny("tiny-base"), "tiny-gpt2 with a template, a base model")
+    registered += [("model", "tiny-chat"), ("model", "tiny-base")]
+    raw = len("0+1=")
+    templated = len("<|user|>0+1=<|assistant|>")
+
+    def prompt_tokens(model, *extra):
+        out = tmp_path / f"{model}{''.join(extra)}"
+        args = ["eval", "--task", f"jsonl:{problems_file}", "--model", model, "--method", "plain", "--limit", "1"]
+        assert main([*args, "--max-new-tokens", "4", "--out", str(out), "--no-progress", *extra]) == 0
+        return read_results(out / "results.jsonl")[0]["prompt_tokens"]
+
+    assert prompt_tokens("tiny-chat") == templated
+    assert prompt_tokens("tiny-chat", "--no-chat") == raw
+    assert prompt_tokens("tiny-base") == raw
+    assert prompt_tokens("tiny-base", "--chat") == templated
+    assert prompt_tokens("tiny-gpt2") == raw  # no template at all
+
+
+def test_mostly_empty_completions_are_reported(tmp_path, capsys, registered):
+    """A model that ends every reply at once: the run says so on stderr and in summary.json."""
+    from egps_ppl.evals.tasks import register_task
+    from egps_ppl.models.markov import MarkovLM
+    from egps_ppl.models.registry import register_model
+
+    class Mute(MarkovLM):
+        def decode(self, ids):
+            return " ".join(str(i) for i in ids if i != self.eos_token_id)
+
+    register_model("mute", lambda device="cpu", dtype="float32": Mute([1.0, 0.0], [[1.0, 0.0], [1.0, 0.0]], 0), "")
+    register_task("first-token", lambda arg, *, seed=0, chat=None: FirstTokenTask(), "first-token")
+    registered += [("model", "mute"), ("task", "first-token")]
+    args = ["eval", "--task", "first-token", "--method", "plain", "--seeds", "0,1", "--no-progress"]
+    assert main([*args, "--model", "mute", "--out", str(tmp_path / "mute")]) == 0
+    err = capsys.readouterr().err
+    assert "egps: warning: 8 of 8 completions are empty" in err and "--chat" in err
+    summary = json.loads((tmp_path / "mute" / "summary.json").read_text())
+    assert summary["empty_completions"] == 8 and len(summary["warnings"]) == 1
+    assert summary["accuracy"] == 0.0
+    register_model("chain", lambda device="cpu", dtype="float32": random_markov(5, seed=2, eos_token_id=0), "")
+    registered.append(("model", "chain"))
+    assert main([*args, "--model", "chain", "--out", str(tmp_path / "chain")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "chain" / "summary.json").read_text())["warnings"] == []

