@@ -49,13 +49,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="encode prompts with the chat template; --no-chat: raw (default: the task's choice; math500, gpqa and "
         "jsonl use the template of an instruct/chat model)",
     )
-    ev.add_argument(
-        "--batch",
-        type=int,
-        default=8,
-        help="units (problem x seed) in flight at once, refilled as they finish (plain, low-temp, best-of-n, MCMC "
-        "without --block-size; the others run one at a time); records do not depend on it",
-    )
     ev.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished units")
     ev.add_argument(
         "--ray",
@@ -123,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
         raise EGPSError(f"--limit must be >= 0, got {args.limit}")
     if args.max_new_tokens < 1:
         raise EGPSError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch < 1:
-        raise EGPSError(f"--batch must be >= 1, got {args.batch}")
     # Cheap checks first: a bad task or method fails before the model loads.
     task = load_task(args.task, chat=args.chat)
     method = load_method(args.method, alpha=args.alpha, **_method_settings(args))
@@ -162,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
         set_threads(args.threads)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        summary = evaluate(task, method, lm, seeds, args.limit, args.out, **common, batch=args.batch)
+        summary = evaluate(task, method, lm, seeds, args.limit, args.out, **common)
     acc, se = summary["accuracy"], summary["accuracy_se"]
     accuracy = "n/a" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
     cost = summary["mean_decode_tokens"]
