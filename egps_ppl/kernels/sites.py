@@ -151,3 +151,48 @@ class EntropyJumpSite:
 
     def __repr__(self) -> str:
         return f"EntropyJumpSite(beta={self.beta:g}, floor={self.floor:g})"
+
+
+class CostAwareJumpSite:
+    """Entropy jumps discounted by what a suffix move from there costs:
+    ``P(i) ∝ (floor + max(0, H_i - H_{i-1})^beta) / (n - i)^gamma`` on a length-``n`` completion.
+
+    A suffix move cut at ``i`` decodes ``n - i`` tokens per try (about), so among decisions of similar size it
+    prefers the later, cheaper ones; ``gamma = 0`` is :class:`EntropyJumpSite`. The weights depend on the state
+    (its entropies and length) like any selector's; kernels add ``log P_y(i) - log P_x(i)``.
+
+    Parameters
+    ----------
+    beta : float
+        Power of the entropy jump.
+    floor : float
+        Constant weight added at every position before the discount (keeps every position reachable).
+    gamma : float
+        Power of the remaining length in the discount, ``>= 0``.
+
+    Raises
+    ------
+    EGPSError
+        For a negative or non-finite ``beta``, ``floor`` or ``gamma``.
+    """
+
+    name = "cost-jump"
+
+    def __init__(self, beta: float = 4.0, floor: float = 1e-3, gamma: float = 1.0) -> None:
+        from egps_ppl.errors import EGPSError
+
+        values = {"beta": beta, "floor": floor, "gamma": gamma}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise EGPSError(f"CostAwareJumpSite: {key} must be a finite number >= 0, got {value!r}")
+        self.beta, self.floor, self.gamma = float(beta), float(floor), float(gamma)
+
+    def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        """``∝ (floor + jump_i^beta) / (n - i)^gamma`` over each row's positions; see the class."""
+        previous = torch.nn.functional.pad(seqs.entropy[:, :-1], (1, 0))
+        jump = (seqs.entropy - previous).clamp(min=0) ** self.beta + self.floor
+        remaining = (seqs.length.unsqueeze(1) - seqs.positions()).clamp(min=1).to(jump.dtype)
+        return _normalised(jump / remaining**self.gamma, seqs.valid_mask())
+
+    def __repr__(self) -> str:
+        return f"CostAwareJumpSite(beta={self.beta:g}, floor={self.floor:g}, gamma={self.gamma:g})"
