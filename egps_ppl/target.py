@@ -80,7 +80,7 @@ class PowerDistribution:
         self.log_factor = log_factor
         # Validates every prompt (vocabulary, emptiness, context window) once, up front.
         self._table = as_prompt_table(self.prompts, lm.vocab_size) if many else self.prompts[0]
-        lm.start(self._table, len(self.prompts) if many else 1, self.max_new_tokens, self.default_policy())
+        lm.check_prompt(self._table, len(self.prompts) if many else 1, self.max_new_tokens)
 
     @property
     def num_prompts(self) -> int:

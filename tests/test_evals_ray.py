@@ -24,7 +24,8 @@ SEEDS = [0, 1]
 LIMIT = 3
 UNITS = {(f"p{i}", s) for i in range(LIMIT) for s in SEEDS}
 # Fields that depend on the run, not on the unit (timings).
-TIMING = ("wall_s", "grade_s")
+TIMING = ("wall_s", "grade_s", "forward_calls")
+"""Fields that depend on the machine or on what shared a batch (a batched forward call serves many units)."""
 
 
 class KillingMethod:
@@ -105,7 +106,9 @@ def _by_key(run_dir):
 
 
 def _without_timing(record):
-    return {k: v for k, v in record.items() if k not in TIMING}
+    kept = {k: v for k, v in record.items() if k not in TIMING}
+    kept["extra"] = {k: v for k, v in record.get("extra", {}).items() if k != "batch"}
+    return kept
 
 
 def _run_ray(out, method=None, **kwargs):

@@ -49,7 +49,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="encode prompts with the chat template; --no-chat: raw (default: the task's choice; math500, gpqa and "
         "jsonl use the template of an instruct/chat model)",
     )
+    ev.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="units (problem x seed) in flight at once, refilled as they finish (plain, low-temp, best-of-n, MCMC "
+        "without --block-size; the others run one at a time); records do not depend on it",
+    )
     ev.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished units")
+    ev.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another egps eval is writing --out, wait for it to finish instead of failing (then --resume)",
+    )
     ev.add_argument(
         "--ray",
         nargs="?",
@@ -106,9 +118,27 @@ def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _say_waiting(out: Any) -> Any:
+    def say(holder: str) -> None:
+        print(f"egps: {out} is being written by another egps eval ({holder}); waiting for it", file=sys.stderr)
+
+    return say
+
+
+def _check_memory(method: Any, args: argparse.Namespace) -> None:
+    """Refuse chains (particles, samples) that cannot fit in memory, before the model loads."""
+    from egps_ppl.errors import check_memory, chain_memory
+
+    config = method.config()
+    rows = max(int(config.get(k) or 1) for k in ("num_chains", "particles", "n"))
+    needed, explanation = chain_memory(rows, args.max_new_tokens, draws=1)
+    check_memory(needed, f"{method.name} with {rows} chains of {args.max_new_tokens} tokens", explanation, args.device)
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the settings, load the task and method (before the model), evaluate and print the accuracy."""
     from egps_ppl.evals.methods import load_method
+    from egps_ppl.evals.store import check_out_dir, lock_run_dir
     from egps_ppl.evals.tasks import load_task
 
     seeds = parse_seeds(args.seeds, args.seed_offset)
@@ -116,9 +146,16 @@ def run(args: argparse.Namespace) -> int:
         raise EGPSError(f"--limit must be >= 0, got {args.limit}")
     if args.max_new_tokens < 1:
         raise EGPSError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    # Cheap checks first: a bad task or method fails before the model loads.
-    task = load_task(args.task, chat=args.chat)
+    if args.batch < 1:
+        raise EGPSError(f"--batch must be >= 1, got {args.batch}")
+    # Cheap checks first: a bad task, method or --out fails before the model loads.
+    try:
+        task = load_task(args.task, chat=args.chat)
+    except UnicodeDecodeError as exc:
+        raise EGPSError(f"--task {args.task}: the file is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     method = load_method(args.method, alpha=args.alpha, **_method_settings(args))
+    _check_memory(method, args)
+    out = check_out_dir(args.out, args.resume)
     run_config = {"argv": sys.argv[1:], "device": args.device, "dtype": args.dtype}
     common = {
         "resume": args.resume,
@@ -126,34 +163,36 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "config": run_config,
     }
-    if args.ray is not None:
-        from egps_ppl.evals.ray_runner import evaluate_ray
+    # One writer per run directory, from before the model loads to the summary (the store's plan nests in it).
+    with lock_run_dir(out, wait=args.wait, on_wait=_say_waiting(out)):
+        if args.ray is not None:
+            from egps_ppl.evals.ray_runner import evaluate_ray
 
-        # The driver never loads the model: each Ray actor loads its own copy.
-        summary = evaluate_ray(
-            task,
-            method,
-            args.model,
-            seeds,
-            args.limit,
-            args.out,
-            **common,
-            address=args.ray,
-            num_workers=args.ray_workers,
-            cpus_per_worker=args.ray_cpus_per_worker,
-            gpus_per_worker=args.ray_gpus_per_worker,
-            device=args.device,
-            dtype=args.dtype,
-            threads=args.threads,
-            max_retries=args.ray_retries,
-        )
-    else:
-        from egps_ppl.evals.runner import evaluate
-        from egps_ppl.models.registry import load_model
+            # The driver never loads the model: each Ray actor loads its own copy.
+            summary = evaluate_ray(
+                task,
+                method,
+                args.model,
+                seeds,
+                args.limit,
+                args.out,
+                **common,
+                address=args.ray,
+                num_workers=args.ray_workers,
+                cpus_per_worker=args.ray_cpus_per_worker,
+                gpus_per_worker=args.ray_gpus_per_worker,
+                device=args.device,
+                dtype=args.dtype,
+                threads=args.threads,
+                max_retries=args.ray_retries,
+            )
+        else:
+            from egps_ppl.evals.runner import evaluate
+            from egps_ppl.models.registry import load_model
 
-        set_threads(args.threads)
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        summary = evaluate(task, method, lm, seeds, args.limit, args.out, **common)
+            set_threads(args.threads)
+            lm = load_model(args.model, device=args.device, dtype=args.dtype)
+            summary = evaluate(task, method, lm, seeds, args.limit, args.out, **common, batch=args.batch)
     acc, se = summary["accuracy"], summary["accuracy_se"]
     accuracy = "n/a" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
     cost = summary["mean_decode_tokens"]

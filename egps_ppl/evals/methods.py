@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from egps_ppl.errors import check_alpha
-from egps_ppl.infer.samplers import Sampler, available_samplers, load_sampler
+from egps_ppl.infer.samplers import Sampler, SamplerResult, available_samplers, load_sampler
 from egps_ppl.models.base import LanguageModel
 from egps_ppl.target import PowerDistribution
 
@@ -119,12 +119,42 @@ class SamplerMethod:
         return {**self.sampler.config(), "name": self.name, "alpha": self.alpha}
 
     def run(self, lm: LanguageModel, prompt_ids: list[int], max_new_tokens: int, seed: int) -> MethodResult:
-        """Run the sampler on π ∝ p(· | prompt)^α with a generator seeded by ``seed``; answer its chosen row."""
+        """Run the sampler on π ∝ p(· | prompt)^α seeded by ``seed``; answer its chosen row.
+
+        Samplers that batch across units (:func:`~egps_ppl.infer.batched.supports_batching`) run as a batch of
+        one unit with per-row streams, so the record equals that of any batched run; the others get a
+        ``torch.Generator`` seeded with ``seed``.
+        """
+        from egps_ppl.infer.batched import Unit, run_units, supports_batching
+
+        if supports_batching(self.sampler):  # one unit of the batched path: the same record as in any batch
+            (out,) = run_units(self.sampler, lm, [Unit(0, list(prompt_ids), seed)], self.alpha, max_new_tokens, 1)
+            return self.result(lm, out.result, out.wall_s)
         started = time.perf_counter()
         target = PowerDistribution(lm, prompt_ids, self.alpha, max_new_tokens)
         drawn = self.sampler.run(target, _generator(seed))
+        return self.result(lm, drawn, time.perf_counter() - started)
+
+    def result(self, lm: LanguageModel, drawn: SamplerResult, wall_s: float) -> MethodResult:
+        """The method's answer from what the sampler drew: its chosen row, costs summed over every row.
+
+        Parameters
+        ----------
+        lm : LanguageModel
+            Decodes the completion.
+        drawn : SamplerResult
+            The sampler's output for one prompt (from :meth:`run`, or from a batched run).
+        wall_s : float
+            Seconds the sampling took.
+
+        Returns
+        -------
+        MethodResult
+        """
         log_p = drawn.samples.log_p()
-        extra: dict[str, Any] = {"log_p": float(log_p[drawn.chosen])}
+        extra: dict[str, Any] = {
+            "log_p": round(float(log_p[drawn.chosen]), 4)
+        }  # float32 noise of the batch shape rounded away
         if drawn.samples.num_rows > 1:
             extra["chosen"] = drawn.chosen
             extra["log_p_all"] = [round(float(v), 4) for v in log_p]
@@ -138,7 +168,7 @@ class SamplerMethod:
             decode_tokens=int(drawn.cost.decode_tokens.sum()),
             scored_tokens=int(drawn.cost.scored_tokens.sum()),
             forward_calls=int(drawn.cost.forward_calls),
-            wall_s=time.perf_counter() - started,
+            wall_s=wall_s,
             extra=extra,
         )
 

@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from egps_ppl.evals.methods import Method
+from egps_ppl.errors import check_positive_int
+from egps_ppl.evals.methods import Method, MethodResult, SamplerMethod
 from egps_ppl.evals.store import ResultWriter, finish_run, plan_run
 from egps_ppl.evals.tasks import Problem, Task
 from egps_ppl.models.base import LanguageModel
 
+DEFAULT_BATCH = 8
+"""Units in flight by default (see ``docs/benchmarks/batched_eval.md`` for how it was chosen)."""
+
 __all__ = [
+    "DEFAULT_BATCH",
+    "batchable",
     "evaluate",
+    "evaluate_batched",
     "evaluate_unit",
+    "grade_record",
     "model_name",
     "unit_seed",
 ]
@@ -78,9 +86,29 @@ def evaluate_unit(
     prompt_ids = task.build_prompt(problem, lm)
     useed = unit_seed(seed, problem.id)
     result = method.run(lm, prompt_ids, max_new_tokens, useed)
+    return grade_record(task, method, lm, problem, seed, prompt_ids, result, problem_index=problem_index)
+
+
+def grade_record(
+    task: Task,
+    method: Method,
+    lm: LanguageModel,
+    problem: Problem,
+    seed: int,
+    prompt_ids: list[int],
+    result: MethodResult,
+    *,
+    problem_index: int | None = None,
+) -> dict[str, Any]:
+    """Grade one unit's result into its record (see :func:`evaluate_unit` for the fields).
+
+    When the method reports the chain's starting completion (``extra["start_completion_ids"]``, MCMC), the start
+    is graded too: ``start_answer``, ``start_correct`` and ``answer_changed`` say whether the moves changed it.
+    """
     started = time.perf_counter()
     grade = task.grade(problem, result.completion_text)
-    return {
+    useed = unit_seed(seed, problem.id)
+    record = {
         "problem_id": problem.id,
         "problem_index": problem_index,
         "seed": int(seed),
@@ -103,6 +131,51 @@ def evaluate_unit(
         "completion_ids": [int(t) for t in result.completion_ids],
         "extra": result.extra,
     }
+    start_ids = result.extra.get("start_completion_ids")
+    if start_ids is not None:
+        start = task.grade(problem, lm.decode(start_ids))
+        record["start_answer"] = start.extracted
+        record["start_correct"] = bool(start.correct)
+        record["answer_changed"] = start.extracted != grade.extracted
+        record["grade_s"] = round(time.perf_counter() - started, 4)
+    return record
+
+
+def evaluate_batched(
+    task: Task,
+    method: SamplerMethod,
+    lm: LanguageModel,
+    todo: Sequence[tuple[int, Problem, int]],
+    *,
+    batch: int = DEFAULT_BATCH,
+    max_new_tokens: int = 256,
+) -> Iterator[dict[str, Any]]:
+    """Grade records of the ``(index, problem, seed)`` units in ``todo``, up to ``batch`` units sharing one batch.
+
+    Units are started in order and refilled as they finish (:func:`~egps_ppl.infer.batched.run_units`); each
+    record is yielded as soon as its unit is done. A unit's rows draw from streams seeded by :func:`unit_seed`,
+    so its record is the same whatever ``batch``.
+    """
+    from egps_ppl.infer.batched import Unit, run_units
+
+    units, meta = [], {}
+    for index, problem, seed in todo:
+        prompt_ids = task.build_prompt(problem, lm)
+        key = (problem.id, int(seed))
+        units.append(Unit(key, prompt_ids, unit_seed(seed, problem.id)))
+        meta[key] = (index, problem, seed, prompt_ids)
+    for out in run_units(method.sampler, lm, units, method.alpha, max_new_tokens, max_units=batch):
+        index, problem, seed, prompt_ids = meta[out.key]
+        result = method.result(lm, out.result, out.wall_s)
+        result.extra["batch"] = batch
+        yield grade_record(task, method, lm, problem, seed, prompt_ids, result, problem_index=index)
+
+
+def batchable(method: Method) -> bool:
+    """Whether ``method`` runs through the batched path (a sampler that :func:`supports_batching`)."""
+    from egps_ppl.infer.batched import supports_batching
+
+    return isinstance(method, SamplerMethod) and supports_batching(method.sampler)
 
 
 def evaluate(
@@ -117,6 +190,7 @@ def evaluate(
     *,
     max_new_tokens: int = 256,
     config: dict[str, Any] | None = None,
+    batch: int = DEFAULT_BATCH,
 ) -> dict[str, Any]:
     """Evaluate ``method`` on the first ``limit`` problems of ``task`` with every seed; write the run directory.
 
@@ -139,6 +213,10 @@ def evaluate(
         Completion length limit.
     config : dict or None
         Extra settings recorded in ``config.json`` (e.g. the command line).
+    batch : int
+        Units in flight at once for methods that batch across units (plain, low-temp, best-of-n and MCMC
+        without a block schedule: :func:`batchable`); the others run one unit at a time. A record does not
+        depend on ``batch``.
 
     Returns
     -------
@@ -152,10 +230,15 @@ def evaluate(
     plan = plan_run(
         task, method, model_name(lm), seeds, limit, out_dir, resume, max_new_tokens=max_new_tokens, config=config
     )
+    check_positive_int("batch", batch)
     started = time.perf_counter()
     with ResultWriter(plan, method.name, progress) as writer:
-        for index, problem, seed in plan.todo:
-            writer.write(
-                evaluate_unit(task, method, lm, problem, seed, max_new_tokens=max_new_tokens, problem_index=index)
-            )
+        if batchable(method):
+            for record in evaluate_batched(task, method, lm, plan.todo, batch=batch, max_new_tokens=max_new_tokens):
+                writer.write(record)
+        else:
+            for index, problem, seed in plan.todo:
+                writer.write(
+                    evaluate_unit(task, method, lm, problem, seed, max_new_tokens=max_new_tokens, problem_index=index)
+                )
     return finish_run(plan, task, method, started)

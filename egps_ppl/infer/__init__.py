@@ -1,5 +1,6 @@
-"""Inference: the batched MCMC runner and growth schedules."""
+"""Inference: the batched MCMC runner, continuous batching across prompts, growth schedules and samplers."""
 
+from egps_ppl.infer.batched import Unit, UnitOutput, run_units, supports_batching
 from egps_ppl.infer.mcmc import MCMC
 from egps_ppl.infer.mcmc_sampler import MCMCSampler
 from egps_ppl.infer.samplers import Sampler, SamplerResult, load_sampler, register_sampler
@@ -16,10 +17,14 @@ __all__ = [
     "Sampler",
     "SamplerResult",
     "ScalablePowerSampler",
+    "Unit",
+    "UnitOutput",
     "load_sampler",
     "make_schedule",
     "power_conditional",
     "register_sampler",
     "resample",
     "rollout_log_weights",
+    "run_units",
+    "supports_batching",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "BestOfNSampler",
     "LowTempSampler",
     "PlainSampler",
+    "PolicySampler",
     "Sampler",
     "SamplerFactory",
     "SamplerResult",
@@ -103,15 +104,22 @@ class Sampler(Protocol):
         ...
 
 
-class _PolicySampler:
-    """``n`` ancestral draws from a token policy in one batch; outputs the first."""
+class PolicySampler:
+    """``n`` ancestral draws from a token policy in one batch; outputs the first (subclasses choose the policy).
+
+    Parameters
+    ----------
+    n : int
+        Draws per prompt.
+    """
 
     name = "policy"
 
     def __init__(self, n: int = 1) -> None:
         self.n = check_positive_int("n", n)
 
-    def _policy(self, target: PowerDistribution) -> PowerPolicy:
+    def policy(self, target: PowerDistribution) -> PowerPolicy:
+        """The token policy the draws come from, for ``target``."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -119,7 +127,7 @@ class _PolicySampler:
         return {"name": self.name, "n": self.n}
 
     def _draw(self, target: PowerDistribution, generator: torch.Generator | None) -> tuple[Sequences, Cost]:
-        return target.sample_proposal(self.n, generator, self._policy(target))
+        return target.sample_proposal(self.n, generator, self.policy(target))
 
     def run(self, target: PowerDistribution, generator: torch.Generator | None = None) -> SamplerResult:
         """Draw ``n`` completions of the target's prompt from the policy; output the first."""
@@ -127,7 +135,7 @@ class _PolicySampler:
         return SamplerResult(seqs, 0, cost)
 
 
-class PlainSampler(_PolicySampler):
+class PlainSampler(PolicySampler):
     """Ancestral sampling from the base model at temperature 1.
 
     Parameters
@@ -138,11 +146,11 @@ class PlainSampler(_PolicySampler):
 
     name = "plain"
 
-    def _policy(self, target: PowerDistribution) -> PowerPolicy:
+    def policy(self, target: PowerDistribution) -> PowerPolicy:
         return PowerPolicy(1.0)
 
 
-class LowTempSampler(_PolicySampler):
+class LowTempSampler(PolicySampler):
     """Ancestral sampling at temperature ``1/alpha`` (the token-level power policy of the target's α).
 
     Parameters
@@ -153,11 +161,11 @@ class LowTempSampler(_PolicySampler):
 
     name = "low-temp"
 
-    def _policy(self, target: PowerDistribution) -> PowerPolicy:
+    def policy(self, target: PowerDistribution) -> PowerPolicy:
         return PowerPolicy(target.alpha)
 
 
-class BestOfNSampler(_PolicySampler):
+class BestOfNSampler(PolicySampler):
     """``n`` draws from the base model at temperature 1; the output is the draw with the highest ``log p``.
 
     Parameters
@@ -171,7 +179,7 @@ class BestOfNSampler(_PolicySampler):
     def __init__(self, n: int = 8) -> None:
         super().__init__(n)
 
-    def _policy(self, target: PowerDistribution) -> PowerPolicy:
+    def policy(self, target: PowerDistribution) -> PowerPolicy:
         return PowerPolicy(1.0)
 
     def run(self, target: PowerDistribution, generator: torch.Generator | None = None) -> SamplerResult:

@@ -271,6 +271,24 @@ class LanguageModel(ABC):
             For ids outside the vocabulary, an empty prompt where the model needs one, or a prompt plus
             ``capacity`` longer than the context window.
         """
+        ids = self.check_prompt(prompt, num_rows, capacity)
+        return Sequences.empty(ids, num_rows, capacity, policy, self.eos_token_id, self._prompt_cache(ids, num_rows))
+
+    def check_prompt(
+        self, prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, num_rows: int, capacity: int
+    ) -> torch.Tensor:
+        """Validate a prompt (or one prompt per row) as :meth:`start` does, without computing any cache.
+
+        Returns
+        -------
+        torch.Tensor
+            ``LongTensor[P]``, or ``LongTensor[num_rows, P]`` right-padded with ``PAD``.
+
+        Raises
+        ------
+        EGPSError
+            As :meth:`start`.
+        """
         check_positive_int("num_rows", num_rows)
         check_positive_int("max_new_tokens", capacity)
         if is_prompt_table(prompt):
@@ -289,7 +307,7 @@ class LanguageModel(ABC):
                 f"prompt ({longest} tokens) + max_new_tokens ({capacity}) exceeds the context window of "
                 f"{self.name!r} ({self.context_length} tokens)"
             )
-        return Sequences.empty(ids, num_rows, capacity, policy, self.eos_token_id, self._prompt_cache(ids, num_rows))
+        return ids
 
     def _prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> RowCache | None:
         """Backend cache for ``num_rows`` rows of ``prompt`` (``[P]`` shared or ``[C, P]`` per row; ``None`` if
