@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Timer, environment, median, new_figure, set_threads, write_results
-from egps_ppl.demo import encode_chat
+from egps_ppl.evals.tasks import encode_prompt
 from egps_ppl.kernels import MetropolisHastings
 from egps_ppl.models.hf import HFModel
 from egps_ppl.models.policy import PowerPolicy
@@ -111,7 +111,7 @@ def load_pair(name: str) -> tuple[HFModel, HFModel, float]:
 def prompt_ids(lm: HFModel, name: str) -> list[int]:
     """The benchmark prompt of ``name`` (chat template where the tokenizer has one)."""
     text = PROMPTS.get(name, PROMPTS["smollm2-135m"])
-    return encode_chat(lm, [{"role": "user", "content": text}])
+    return encode_prompt(lm, text)
 
 
 def build_completion(lm: HFModel, prompt: Sequence[int], length: int, seed: int) -> tuple[Sequences, float]:

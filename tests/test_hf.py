@@ -316,7 +316,7 @@ def test_finished_rows_are_left_alone() -> None:
 def test_bad_prompts_raise() -> None:
     model = tiny_gpt2()
     with pytest.raises(EGPSError, match="context window"):
-        model.start([1] * 500, 2, 20, PowerPolicy())
+        model.start([1] * model.context_length, 2, 20, PowerPolicy())
     with pytest.raises(EGPSError, match="non-empty prompt"):
         model.start([], 2, 20, PowerPolicy())
     with pytest.raises(EGPSError, match="token ids"):
@@ -397,9 +397,8 @@ def smollm2() -> HFModel:
 
 @pytest.mark.smollm2
 def test_smollm2_cached_equals_recomputed(smollm2: HFModel) -> None:
-    from egps_ppl.models.registry import chat_prompt
 
-    prompt = chat_prompt(smollm2, "What is 2 + 3?")
+    prompt = smollm2.encode_chat([{"role": "user", "content": "What is 2 + 3?"}])
     assert smollm2.decode(prompt).strip().endswith("assistant")
     assert smollm2.eos_token_id is not None and smollm2.context_length >= 2048
     seqs = smollm2.start(prompt, 2, 16, PowerPolicy(alpha=2.0))
@@ -418,12 +417,12 @@ def test_smollm2_cached_equals_recomputed(smollm2: HFModel) -> None:
 @pytest.mark.parametrize("spec", ["mh", "egps"])
 def test_smollm2_takes_real_kernel_steps(smollm2: HFModel, spec: str) -> None:
     """Real MH / EGPS steps on SmolLM2 offline: the chain state stays consistent with a fresh scoring."""
-    from egps_ppl.demo import DEMO_QUESTION, encode_chat, few_shot_messages
+    from egps_ppl.evals.tasks import DEMO_QUESTION, arithmetic_prompt
     from egps_ppl.infer import MCMC
     from egps_ppl.kernels.presets import build_kernel
     from egps_ppl.target import PowerDistribution
 
-    target = PowerDistribution(smollm2, encode_chat(smollm2, few_shot_messages(DEMO_QUESTION)), 4.0, 12)
+    target = PowerDistribution(smollm2, arithmetic_prompt(smollm2, DEMO_QUESTION), 4.0, 12)
     mcmc = MCMC(build_kernel(spec, target), num_samples=3, num_chains=2, seed=0).run()
     stats = mcmc.get_sample_stats()
     assert stats["decode_tokens"].sum() > 0

@@ -25,7 +25,6 @@ LAYERS = (
     "pyro",
     "analysis",
     "evals",
-    "demo",
     "cli",
 )
 """Low to high. ``diagnostics`` reads arrays and ArviZ files only, so the runner (``infer``) may use it."""

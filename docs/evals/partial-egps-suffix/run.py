@@ -2,9 +2,10 @@
 
 import torch
 
-from egps_ppl.evals.methods import MCMCMethod
+from egps_ppl.evals.methods import SamplerMethod
 from egps_ppl.evals.runner import evaluate
 from egps_ppl.evals.tasks import load_task
+from egps_ppl.infer import MCMCSampler
 from egps_ppl.kernels import EntropyJumpSite, MultipleTryMetropolis
 from egps_ppl.kernels.presets import register_preset
 from egps_ppl.models.registry import load_model
@@ -20,7 +21,7 @@ register_preset(
 lm = load_model("smollm2-135m")
 summary = evaluate(
     load_task("arithmetic"),
-    MCMCMethod("egps-suffix", alpha=4.0, steps=10),
+    SamplerMethod(MCMCSampler("egps-suffix", steps=10), alpha=4.0),
     lm,
     seeds=[0, 1],
     limit=30,
