@@ -79,3 +79,37 @@ def test_common_helpers(tmp_path: Path) -> None:
     }
     json_path, png_path = write_results("demo", {"x": 1}, tmp_path)
     assert png_path is None and json.loads(json_path.read_text()) == {"x": 1}
+
+
+def test_frontier_quick(tmp_path: Path) -> None:
+    from benchmarks import frontier
+
+    payload = frontier.main(["--quick", "--out", str(tmp_path)])
+    points = payload["points"]
+    assert set(points) == {p.label for p in frontier.quick_points()}
+    assert payload["reference"] == "mh-steps2"
+    for label, entry in points.items():
+        assert entry["units"] == 6 and entry["seeds"] == [0, 1]  # 3 problems x 2 seeds each
+        assert entry["decode_tokens_per_unit"] > 0 and entry["wall_s_per_unit"] > 0
+        if label != "mh-steps2":
+            assert entry["vs_reference"]["units"] == 6 and entry["vs_reference"]["problems"] == 3
+    # More MCMC steps cost more decode tokens; MCMC records say whether the start's answer changed.
+    assert points["mh-steps2"]["decode_tokens_per_unit"] > points["mh-steps1"]["decode_tokens_per_unit"]
+    assert points["mh-steps1"]["answer_changed_share"] is not None
+    assert (tmp_path / "arithmetic" / "frontier_arithmetic.png").stat().st_size > 0
+    # Rerunning resumes: nothing is recomputed.
+    again = frontier.main(["--quick", "--out", str(tmp_path)])
+    assert {k: v["units"] for k, v in again["points"].items()} == {k: v["units"] for k, v in points.items()}
+
+
+def test_paired_difference_is_clustered_by_problem() -> None:
+    import random
+
+    from benchmarks.frontier import paired
+
+    a = {("p1", 0): {"correct": True}, ("p1", 1): {"correct": True}, ("p2", 0): {"correct": False}}
+    b = {("p1", 0): {"correct": False}, ("p1", 1): {"correct": True}, ("p2", 0): {"correct": False}}
+    result = paired(a, b, random.Random(0), reps=200)
+    # Per problem: p1 (1 + 0) / 2 = 0.5, p2 0 -> mean 0.25 over 2 problems.
+    assert result["diff"] == 0.25 and result["problems"] == 2 and result["units"] == 3
+    assert result["ci95"][0] <= 0.25 <= result["ci95"][1]

@@ -1,0 +1,280 @@
+"""Accuracy against compute for every sampler, with paired differences over the same (problem, seed) units.
+
+::
+
+    python -m benchmarks.frontier --task arithmetic --limit 100 --seeds 0,1,2,3 --out runs/frontier
+    python -m benchmarks.frontier --task arithmetic --report-only --out runs/frontier --docs docs/benchmarks
+    python -m benchmarks.frontier --quick --out /tmp/frontier        # tiny-gpt2, 3 problems (seconds; the tests)
+
+Each *point* is a method at one budget (MCMC steps; best-of-n's n; SMC particles; SPS rollouts) and is an
+ordinary evaluation run directory ``<out>/<task>/<point>/`` written by :func:`egps_ppl.evals.runner.evaluate`
+(batched across units where the method allows, resumable). The loop is **seed-major**: every point gets all
+problems of seed 0 before any point gets seed 1, so an interrupted run leaves a balanced frontier; rerunning the
+command resumes it (finished units are never recomputed).
+
+For every point the report gives accuracy ± SE over seeds, decode and scored tokens per unit, and wall-clock
+seconds per unit (total seconds of the point's ``evaluate`` calls over the units they computed, recorded in
+``frontier_timing.json``; measured on a shared machine, so only the token counts are exact). Methods are compared
+by **paired differences** on the units every compared point has finished: ``d = correct(A) - correct(B)`` per
+unit, averaged per problem over seeds, with the SE over problems and a 95% bootstrap interval over problems
+(2,000 resamples), against the reference point (``--reference``, default MH at its largest budget). MCMC points
+also report the share of units whose answer differs from their starting low-temperature sample's.
+
+Writes ``<out>/<task>/frontier.json`` and ``frontier_<task>.png`` (accuracy against decode tokens per unit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import environment, new_figure, set_threads
+
+NAME = "frontier"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One method at one budget."""
+
+    method: str
+    budget_name: str | None = None
+    budget: int | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}-{self.budget_name}{self.budget}"
+
+    def load_settings(self) -> dict[str, Any]:
+        out = dict(self.settings)
+        if self.budget_name is not None:
+            out[self.budget_name] = self.budget
+        return out
+
+
+MCMC_METHODS = ("mh", "entropy-cut-mh", "egps", "egps-local")
+MCMC_STEPS = (2, 5, 10)
+
+
+def default_points() -> list[Point]:
+    """The frontier of issue #10: MCMC at 3 step budgets, the others at 2 budgets (low-temp has none)."""
+    points = [Point("low-temp"), Point("plain")]
+    points += [Point(m, "steps", s) for s in MCMC_STEPS for m in MCMC_METHODS]
+    points += [Point("best-of-n", "n", n) for n in (4, 8)]
+    points += [Point("smc", "particles", p, (("ess_every", 8),)) for p in (8, 16)]
+    sps = (("top_k", 4), ("horizon", 32), ("block_size", 16))
+    points += [Point("sps", "rollouts", r, sps) for r in (2, 4)]
+    return points
+
+
+def quick_points() -> list[Point]:
+    return [Point("low-temp"), Point("mh", "steps", 1), Point("mh", "steps", 2), Point("egps", "steps", 2)]
+
+
+# ------------------------------------------------------------------------------------------------ running
+def run_points(
+    points: list[Point],
+    task_spec: str,
+    model: str,
+    seeds: list[int],
+    limit: int,
+    out: Path,
+    alpha: float,
+    max_new_tokens: int,
+    batch: int,
+) -> None:
+    """Evaluate every point, seed-major, resuming whatever is already in ``out``."""
+    from egps_ppl.evals.methods import load_method
+    from egps_ppl.evals.runner import evaluate
+    from egps_ppl.evals.tasks import load_task
+    from egps_ppl.models.registry import load_model
+
+    task = load_task(task_spec)
+    lm = load_model(model)
+    for seed in seeds:
+        for point in points:
+            method = load_method(point.method, alpha=alpha, **point.load_settings())
+            run_dir = out / point.label
+            timing_path = run_dir / "frontier_timing.json"
+            timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"seconds": 0.0, "units": 0}
+            started = time.perf_counter()
+            summary = evaluate(
+                task, method, lm, [seed], limit, run_dir, resume=True, progress=False,
+                max_new_tokens=max_new_tokens, batch=batch, config={"frontier": point.label},
+            )  # fmt: skip
+            computed = int(summary.get("computed_this_run", 0))
+            if computed:
+                timing = {"seconds": timing["seconds"] + time.perf_counter() - started,
+                          "units": timing["units"] + computed}  # fmt: skip
+                timing_path.write_text(json.dumps(timing) + "\n")
+            print(f"seed {seed} {point.label:>22}: {computed} new units", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def _records(run_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    from egps_ppl.evals.store import read_results
+
+    path = run_dir / "results.jsonl"
+    if not path.exists():
+        return {}
+    return {(r["problem_id"], int(r["seed"])): r for r in read_results(path)}
+
+
+def paired(
+    a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict], rng: random.Random, reps: int = 2000
+) -> dict[str, Any] | None:
+    """Paired difference of accuracy ``A - B`` on their common units, clustered by problem."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    by_problem: dict[str, list[float]] = {}
+    for key in common:
+        by_problem.setdefault(key[0], []).append(float(a[key]["correct"]) - float(b[key]["correct"]))
+    diffs = [sum(v) / len(v) for v in by_problem.values()]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    boots = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(reps))
+    return {
+        "diff": round(mean, 4),
+        "se": None if se is None else round(se, 4),
+        "ci95": [round(boots[int(0.025 * reps)], 4), round(boots[int(0.975 * reps) - 1], 4)],
+        "units": len(common),
+        "problems": n,
+    }
+
+
+def point_report(run_dir: Path, records: dict[tuple[str, int], dict]) -> dict[str, Any]:
+    """Accuracy ± SE over seeds and the compute counters of one point."""
+    if not records:
+        return {"units": 0}
+    by_seed: dict[int, list[bool]] = {}
+    for (_, seed), r in records.items():
+        by_seed.setdefault(seed, []).append(bool(r["correct"]))
+    accs = [sum(v) / len(v) for v in by_seed.values()]
+    mean = sum(accs) / len(accs)
+    se = math.sqrt(sum((x - mean) ** 2 for x in accs) / (len(accs) - 1) / len(accs)) if len(accs) > 1 else None
+    units = len(records)
+    timing_path = run_dir / "frontier_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+    changed = [r["answer_changed"] for r in records.values() if "answer_changed" in r]
+    return {
+        "units": units,
+        "seeds": sorted(by_seed),
+        "accuracy": round(mean, 4),
+        "accuracy_se_seeds": None if se is None else round(se, 4),
+        "decode_tokens_per_unit": round(sum(r["decode_tokens"] for r in records.values()) / units, 1),
+        "scored_tokens_per_unit": round(sum(r["scored_tokens"] for r in records.values()) / units, 1),
+        "wall_s_per_unit": None if not timing or not timing["units"] else round(timing["seconds"] / timing["units"], 3),
+        "answer_changed_share": round(sum(changed) / len(changed), 4) if changed else None,
+    }
+
+
+def report(points: list[Point], out: Path, reference: str | None, seed: int = 0) -> dict[str, Any]:
+    """The frontier of the points found in ``out`` (one task's folder)."""
+    rng = random.Random(seed)
+    records = {p.label: _records(out / p.label) for p in points}
+    present = [p for p in points if records[p.label]]
+    if reference is None:
+        mh = [p for p in present if p.method == "mh"]
+        reference = max(mh, key=lambda p: p.budget or 0).label if mh else (present[0].label if present else None)
+    common = set.intersection(*(set(records[p.label]) for p in present)) if present else set()
+    result: dict[str, Any] = {"reference": reference, "common_units": len(common), "points": {}}
+    for p in present:
+        entry = {"method": p.method, "budget_name": p.budget_name, "budget": p.budget,
+                 **point_report(out / p.label, records[p.label])}  # fmt: skip
+        if reference and p.label != reference:
+            entry["vs_reference"] = paired(records[p.label], records[reference], rng)
+            shared = {k: records[p.label][k] for k in common}
+            entry["vs_reference_common_units"] = paired(shared, {k: records[reference][k] for k in common}, rng)
+        result["points"][p.label] = entry
+    return result
+
+
+def plot(result: dict[str, Any], task: str, path: Path) -> Path:
+    fig, axes = new_figure(1, 1, size=(7.0, 4.6))
+    ax = axes[0, 0]
+    by_method: dict[str, list[dict]] = {}
+    for entry in result["points"].values():
+        by_method.setdefault(entry["method"], []).append(entry)
+    for method, entries in sorted(by_method.items()):
+        entries.sort(key=lambda e: e["decode_tokens_per_unit"])
+        x = [e["decode_tokens_per_unit"] for e in entries]
+        y = [e["accuracy"] for e in entries]
+        err = [e["accuracy_se_seeds"] or 0.0 for e in entries]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens per unit (log)")
+    ax.set_ylabel("accuracy (± SE over seeds)")
+    ax.set_title(f"{task}: accuracy against compute")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--points", default=None, help="comma-separated point labels to run (default: all)")
+    parser.add_argument("--reference", default=None, help="point label to compare against (default: largest mh)")
+    parser.add_argument("--report-only", action="store_true", help="do not run anything; report what is in --out")
+    parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 3 problems, 4 points, 2 seeds")
+    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--docs", default=None, help="copy the plot into this folder")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.limit, args.seeds, args.max_new_tokens, args.batch = "tiny-gpt2", 3, "0,1", 8, 4
+    points = quick_points() if args.quick else default_points()
+    if args.points:
+        wanted = set(args.points.split(","))
+        points = [p for p in points if p.label in wanted]
+    task_name = args.task.split(":")[0]
+    out = Path(args.out) / args.task.replace(":", "-")
+    set_threads(args.threads)
+    if not args.report_only:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        run_points(points, args.task, args.model, seeds, args.limit, out, args.alpha, args.max_new_tokens, args.batch)
+    result = report(points, out, args.reference)
+    payload = {
+        "benchmark": NAME,
+        "task": args.task,
+        "config": {
+            "model": args.model,
+            "limit": args.limit,
+            "seeds": args.seeds,
+            "alpha": args.alpha,
+            "max_new_tokens": args.max_new_tokens,
+            "batch": args.batch,
+            "threads": args.threads,
+        },
+        "environment": environment(),
+        **result,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps(payload, indent=2) + "\n")
+    png = plot(result, task_name, out / f"frontier_{task_name}.png") if result["points"] else None
+    if args.docs and png is not None:
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, Path(args.docs) / png.name)
+    print(f"wrote {out / 'frontier.json'}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
