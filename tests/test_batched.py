@@ -3,6 +3,9 @@ kernel leaves each problem's π invariant when the problems share one batch."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 import torch
 
@@ -10,13 +13,18 @@ from egps_ppl.errors import EGPSError
 from egps_ppl.kernels import Cycle, MetropolisHastings, Mixture, MultipleTryMetropolis, WindowProposal
 from egps_ppl.kernels.presets import PRESETS, build_kernel
 from egps_ppl.kernels.sites import EntropyJumpSite
+from egps_ppl.models import registry
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.models.registry import tiny_gpt2, tiny_llama
 from egps_ppl.models.testbeds import random_markov
 from egps_ppl.rng import Streams
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 from egps_ppl.testing import assert_invariant, check_invariance
+
+# Where the backend tests build their models: EGPS_TEST_DEVICE=cuda runs them on a GPU (tools/gpu_check.py).
+DEVICE = os.environ.get("EGPS_TEST_DEVICE", "cpu")
+tiny_gpt2 = functools.partial(registry.tiny_gpt2, device=DEVICE)
+tiny_llama = functools.partial(registry.tiny_llama, device=DEVICE)
 
 STATS = ("logp", "logq", "entropy", "logz")
 PROMPTS = [(), (2,), (3, 1), (1,)]
@@ -196,11 +204,14 @@ def _outputs(sampler, lm, units, max_units, max_new_tokens=6):
     return outs
 
 
-@pytest.mark.parametrize("spec", ["mh", "egps", "low-temp", "best-of-n"])
+@pytest.mark.parametrize("spec", ["mh", "egps", "low-temp", "best-of-n", "smc"])
 def test_unit_records_do_not_depend_on_how_many_units_share_the_batch(spec):
     from egps_ppl.infer import load_sampler
 
-    sampler = load_sampler(spec, steps=4, num_chains=3) if spec in ("mh", "egps") else load_sampler(spec)
+    settings = {"mh": {"steps": 4, "num_chains": 3}, "egps": {"steps": 4, "num_chains": 3}}.get(spec, {})
+    if spec == "smc":
+        settings = {"particles": 16, "ess_every": 1}  # resampling at every token: populations must stay apart
+    sampler = load_sampler(spec, **settings)
     units = _units(PROMPTS, seeds=[0, 1, 2])
     alone = _outputs(sampler, MODEL, units, max_units=1)
     for max_units in (4, 12):
@@ -236,8 +247,28 @@ def test_unbatchable_samplers_are_refused():
     from egps_ppl.infer import load_sampler
     from egps_ppl.infer.batched import Unit, run_units, supports_batching
 
-    smc = load_sampler("smc")
-    assert not supports_batching(smc)
+    sps = load_sampler("sps")
+    assert not supports_batching(sps) and supports_batching(load_sampler("smc"))
     assert not supports_batching(load_sampler("mh", block_size=4))
     with pytest.raises(EGPSError, match="cannot be batched"):
-        next(run_units(smc, MODEL, [Unit(0, [1], 0)], 2.0, 4))
+        next(run_units(sps, MODEL, [Unit(0, [1], 0)], 2.0, 4))
+
+
+def test_smc_populations_in_one_batch_match_exact_pi_per_problem():
+    """Power-SMC over a plate: each problem's weighted particles estimate its own exact final-token marginal."""
+    from egps_ppl.infer.smc import PowerSMC
+    from egps_ppl.models.exact import ExactPower
+
+    target = PowerDistribution(MODEL, [list(p) for p in PROMPTS], alpha=2.0, max_new_tokens=4)
+    n = 4000
+    rows = target.rows_for(torch.arange(len(PROMPTS)).repeat_interleave(n), PowerPolicy(2.0))
+    results = PowerSMC(num_particles=n, check_every=1).run_populations(target, rows, torch.Generator().manual_seed(0))
+    for k, result in enumerate(results):
+        exact = ExactPower(MODEL, 2.0, 4, list(PROMPTS[k]))
+        support, log_pi = exact.enumerate()
+        probs = dict(zip(support, log_pi.exp().tolist(), strict=True))
+        weights = result.log_weights.exp()
+        estimate = sum(float(w) for w, row in zip(weights, range(n), strict=True)
+                       if len(result.samples.row_tokens(row)) == 1)  # fmt: skip
+        truth = sum(p for s, p in probs.items() if len(s) == 1)
+        assert abs(estimate - truth) < 0.03, (k, estimate, truth)

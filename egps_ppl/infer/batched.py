@@ -10,11 +10,12 @@ Every row draws from its own random stream (:class:`~egps_ppl.rng.Streams`) seed
 chain index, so a unit's result does not depend on the batch: ``max_units = 1`` and ``max_units = 32`` give the
 same records (exactly in float64; in float32 up to rare ties from batch-shape-dependent rounding).
 
-Supported samplers: :class:`~egps_ppl.infer.mcmc_sampler.MCMCSampler` without a block schedule, and the policy
-samplers (:class:`~egps_ppl.infer.samplers.PlainSampler`, ``LowTempSampler``, ``BestOfNSampler``). Samplers that
-couple rows (Power-SMC's resampling, Scalable Power Sampling) and block-wise schedules (the length limit is one
-per batch) are not batched: :func:`supports_batching` says so, and the evaluation runner runs them one unit at a
-time.
+Supported samplers: :class:`~egps_ppl.infer.mcmc_sampler.MCMCSampler` without a block schedule (refilled as
+units finish), the policy samplers (:class:`~egps_ppl.infer.samplers.PlainSampler`, ``LowTempSampler``,
+``BestOfNSampler``) and :class:`~egps_ppl.infer.smc.PowerSMC` (each unit one population, resampled within
+itself; a group of units starts together and runs to its end). Scalable Power Sampling and block-wise schedules
+(the length limit is one per batch) are not batched: :func:`supports_batching` says so, and the evaluation
+runner runs them one unit at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.infer.mcmc_sampler import MCMCSampler
 from egps_ppl.infer.samplers import BestOfNSampler, PolicySampler, Sampler, SamplerResult
+from egps_ppl.infer.smc import PowerSMC
 from egps_ppl.kernels.presets import build_kernel
 from egps_ppl.models.base import Cost, LanguageModel
 from egps_ppl.rng import Streams
@@ -109,7 +111,7 @@ def supports_batching(sampler: Sampler) -> bool:
     """Whether :func:`run_units` can batch ``sampler`` across units (see the module docstring)."""
     if isinstance(sampler, MCMCSampler):
         return sampler.block_size is None
-    return isinstance(sampler, PolicySampler)
+    return isinstance(sampler, PolicySampler | PowerSMC)
 
 
 def concat(first: Sequences | None, second: Sequences) -> Sequences:
@@ -179,21 +181,47 @@ def run_units(
     target = PowerDistribution(lm, [list(p) for p in sorted(prompts)], alpha, max_new_tokens)
     if isinstance(sampler, MCMCSampler):
         yield from _run_mcmc(sampler, target, units, index, max_units)
+    elif isinstance(sampler, PowerSMC):
+        yield from _run_smc(sampler, target, units, index, max_units)
     else:
         yield from _run_policy(sampler, target, units, index, max_units)
+
+
+def _empty_rows(
+    target: PowerDistribution, units: Iterable[Unit], index: dict, rows_per_unit: int, streams: Streams, policy: Any
+) -> Sequences:
+    """Empty rows of ``units`` (``rows_per_unit`` each, consecutive), each with its own stream."""
+    problems, stream_ids = [], []
+    for unit in units:
+        for row in range(rows_per_unit):
+            problems.append(index[tuple(unit.prompt)])
+            stream_ids.append(streams.add(row_seed(unit.seed, row)))
+    return target.rows_for(problems, policy).with_(stream=torch.tensor(stream_ids))
 
 
 def _start_rows(
     target: PowerDistribution, units: Iterable[Unit], index: dict, rows_per_unit: int, streams: Streams, policy: Any
 ) -> tuple[Sequences, Cost]:
     """Fresh rows of ``units`` (``rows_per_unit`` each, own streams) sampled from ``policy``."""
-    problems, stream_ids = [], []
-    for unit in units:
-        for row in range(rows_per_unit):
-            problems.append(index[tuple(unit.prompt)])
-            stream_ids.append(streams.add(row_seed(unit.seed, row)))
-    rows = target.rows_for(problems, policy).with_(stream=torch.tensor(stream_ids))
+    rows = _empty_rows(target, units, index, rows_per_unit, streams, policy)
     return target.lm.extend(rows, torch.zeros(rows.num_rows, dtype=torch.long), generator=streams)
+
+
+def _run_smc(
+    sampler: PowerSMC, target: PowerDistribution, units: list[Unit], index: dict, max_units: int
+) -> Iterator[UnitOutput]:
+    n = sampler.num_particles
+    policy = sampler.proposal if sampler.proposal is not None else target.default_policy()
+    for first in range(0, len(units), max_units):
+        group = units[first : first + max_units]
+        started = time.perf_counter()
+        streams = Streams()
+        rows = _empty_rows(target, group, index, n, streams, policy)
+        results = sampler.run_populations(target, rows, streams)
+        wall = time.perf_counter() - started
+        for unit, result in zip(group, results, strict=True):
+            result.samples = result.samples.with_(problem=None, stream=None, cache=None)
+            yield UnitOutput(unit.key, result, wall)
 
 
 def _run_policy(

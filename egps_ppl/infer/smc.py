@@ -66,6 +66,7 @@ from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.infer.samplers import SamplerResult
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator, uniform
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -108,9 +109,10 @@ def _invert_cdf(weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 def resample(
     log_weights: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     scheme: str = "systematic",
     num: int | None = None,
+    stream: int | None = None,
 ) -> torch.Tensor:
     """Ancestor indices drawn in proportion to ``exp(log_weights)``.
 
@@ -124,12 +126,14 @@ def resample(
     ----------
     log_weights : torch.Tensor
         ``[N]`` unnormalised log-weights; ``-inf`` entries (zero weight) are never drawn.
-    generator : torch.Generator, optional
+    generator : torch.Generator or Streams, optional
         CPU generator for the uniforms (the global one when ``None``).
     scheme : str
         ``"systematic"`` (default), ``"multinomial"`` or ``"residual"``.
     num : int, optional
         Number of indices to draw (default ``N``).
+    stream : int, optional
+        The stream every uniform comes from when ``generator`` is a :class:`~egps_ppl.rng.Streams`.
 
     Returns
     -------
@@ -145,12 +149,16 @@ def resample(
     _check_scheme(scheme)
     weights = _normalised(log_weights)
     n = weights.numel() if num is None else check_positive_int("num", num)
+
+    def draws(count: int) -> torch.Tensor:
+        return uniform(generator, count, None if stream is None else torch.full((count,), stream))
+
     if scheme == "multinomial":
-        u = torch.rand(n, dtype=torch.float64, generator=generator)
+        u = draws(n)
         # Sorted uniforms give sorted indices, which keeps copies of a particle next to each other.
         return _invert_cdf(weights, torch.sort(u).values)
     if scheme == "systematic":
-        u = torch.rand(1, dtype=torch.float64, generator=generator)
+        u = draws(1)
         points = (u + torch.arange(n, dtype=torch.float64)) / n
         return _invert_cdf(weights, points)
     # Residual: the integer part of num·w deterministically, the fractional parts by multinomial draws.
@@ -162,7 +170,7 @@ def resample(
         residual = (expected - copies).clamp(min=0)
         if float(residual.sum()) <= 0:  # only possible through round-off: fall back to the weights
             residual = weights
-        u = torch.sort(torch.rand(rest, dtype=torch.float64, generator=generator)).values
+        u = torch.sort(draws(rest)).values
         index = torch.sort(torch.cat([index, _invert_cdf(residual, u)])).values
     return index[:n]
 
@@ -279,14 +287,42 @@ class PowerSMC:
         EGPSError
             If every particle ends with zero weight (e.g. a ``log_factor`` that forbids all of them).
         """
-        lm, n, alpha = target.lm, self.num_particles, target.alpha
-        policy = self.proposal if self.proposal is not None else PowerPolicy(alpha)
-        seqs = target.empty(n, policy)
+        if target.batched:
+            raise EGPSError("PowerSMC.run takes a single-prompt target; use run_populations for a plate")
+        policy = self.proposal if self.proposal is not None else PowerPolicy(target.alpha)
+        (result,) = self.run_populations(target, target.empty(self.num_particles, policy), generator)
+        return result
+
+    def run_populations(self, target: PowerDistribution, seqs: Sequences, generator: Generator = None) -> list:
+        """Run Power-SMC on several independent populations in one batch: one per problem of a plate target.
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (a plate over problems, or a single prompt).
+        seqs : Sequences
+            Empty rows, ``num_particles`` per population, consecutive (``seqs.problem`` names each row's problem;
+            ``None``: one population). With per-row streams (``seqs.stream`` and a
+            :class:`~egps_ppl.rng.Streams` generator) a population draws its resampling uniforms from the stream
+            of its first row, so its result does not depend on the others.
+        generator : torch.Generator or Streams, optional
+            Source of randomness.
+
+        Returns
+        -------
+        list of SamplerResult
+            One per population, in row order (see :meth:`run`).
+        """
+        lm, n = target.lm, self.num_particles
+        if seqs.num_rows % n:
+            raise EGPSError(f"{seqs.num_rows} rows are not populations of {n} particles")
+        groups = [torch.arange(g * n, (g + 1) * n) for g in range(seqs.num_rows // n)]
+        streams = None if seqs.stream is None else [int(seqs.stream[g[0]]) for g in groups]
         device = seqs.device
-        log_w = torch.zeros(n, dtype=torch.float64, device=device)
-        cost = Cost.zero(n, device)
-        ess_history: list[float] = []
-        resample_steps: list[int] = []
+        log_w = torch.zeros(seqs.num_rows, dtype=torch.float64, device=device)
+        cost = Cost.zero(seqs.num_rows, device)
+        ess_history: list[list[float]] = [[] for _ in groups]
+        resample_steps: list[list[int]] = [[] for _ in groups]
         step = 0
         done = seqs.complete()
         while not bool(done.all()):
@@ -302,34 +338,47 @@ class PowerSMC:
                     "every particle has zero weight (the target's log_factor is -inf on all of them); "
                     "use more particles or a proposal that reaches the allowed completions"
                 )
-            if step % self.check_every == 0 and not bool(done.all()):
-                ess = effective_sample_size(log_w)
-                ess_history.append(ess)
-                if ess < self.ess_threshold * n * (1.0 - _ESS_SLACK):
-                    index = resample(log_w, generator, self.resampling).to(device)
-                    # The backend's take carries each survivor's KV cache rows along: nothing is recomputed.
+            if step % self.check_every == 0:
+                index = torch.arange(seqs.num_rows, device=device)
+                for g, rows in enumerate(groups):
+                    if bool(done[rows].all()):
+                        continue  # a finished population is not checked again
+                    ess = effective_sample_size(log_w[rows])
+                    ess_history[g].append(ess)
+                    if ess < self.ess_threshold * n * (1.0 - _ESS_SLACK):
+                        stream = None if streams is None else streams[g]
+                        index[rows] = rows[0] + resample(log_w[rows], generator, self.resampling, stream=stream)
+                        # Reset to the mean weight: log((1/N) Σ w) is unchanged, so it stays the evidence estimate.
+                        log_w[rows] = float(torch.logsumexp(log_w[rows], 0)) - math.log(n)
+                        resample_steps[g].append(step)
+                if not torch.equal(index, torch.arange(seqs.num_rows, device=device)):
+                    # take carries each survivor's KV cache rows (and stream) along: nothing is recomputed.
                     seqs, done = seqs.take(index), done[index]
-                    # Reset to the mean weight: log((1/N) Σ w) is unchanged, so it stays the evidence estimate.
-                    log_w = torch.full_like(log_w, float(torch.logsumexp(log_w, 0)) - math.log(n))
-                    resample_steps.append(step)
-        final_ess = effective_sample_size(log_w)
-        ess_history.append(final_ess)
-        log_total = torch.logsumexp(log_w, 0)
-        chosen = int(resample(log_w, generator, "multinomial", num=1)[0])
-        return SamplerResult(
-            samples=seqs,
-            chosen=chosen,
-            cost=cost,
-            log_weights=log_w - log_total,
-            log_evidence=float(log_total) - math.log(n),
-            extra={
-                "resample_count": len(resample_steps),
-                "resample_steps": resample_steps,
-                "ess_history": [round(e, 4) for e in ess_history],
-                "final_ess": final_ess,
-                "steps": step,
-            },
-        )
+        results = []
+        for g, rows in enumerate(groups):
+            final_ess = effective_sample_size(log_w[rows])
+            ess_history[g].append(final_ess)
+            log_total = torch.logsumexp(log_w[rows], 0)
+            stream = None if streams is None else streams[g]
+            chosen = int(resample(log_w[rows], generator, "multinomial", num=1, stream=stream)[0])
+            population = seqs.take(rows) if len(groups) > 1 else seqs
+            results.append(
+                SamplerResult(
+                    samples=population,
+                    chosen=chosen,
+                    cost=Cost(cost.decode_tokens[rows], cost.scored_tokens[rows], cost.forward_calls),
+                    log_weights=log_w[rows] - log_total,
+                    log_evidence=float(log_total) - math.log(n),
+                    extra={
+                        "resample_count": len(resample_steps[g]),
+                        "resample_steps": resample_steps[g],
+                        "ess_history": [round(e, 4) for e in ess_history[g]],
+                        "final_ess": final_ess,
+                        "steps": step,
+                    },
+                )
+            )
+        return results
 
     def _increment(
         self, target: PowerDistribution, seqs: Sequences, old_length: torch.Tensor, done: torch.Tensor
