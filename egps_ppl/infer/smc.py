@@ -2,7 +2,7 @@
 
 N particles (completions) grow one token at a time in one batched ``extend`` call per token. Each particle
 carries an importance weight; when the effective sample size (ESS) drops, the population is resampled and the
-KV caches follow the surviving particles (``lm.take``), so nothing is recomputed. The output is the weighted
+KV caches follow the surviving particles (``Sequences.take``), so nothing is recomputed. The output is the weighted
 population, one particle drawn in proportion to its final weight, and an estimate of ``log Σ_x p(x)^α``.
 
 The weights
@@ -50,7 +50,7 @@ Caveats
   N = 16 / 64 / 256 against the exact 0.739).
 * A truncating proposal (``top_k``/``top_p``) cannot propose every completion: the weights then target π
   restricted to the proposal's support.
-* Costs are per *slot*: ``lm.take`` moves sequences between slots but the cost counters stay where they are
+* Costs are per *slot*: ``Sequences.take`` moves sequences between slots but the cost counters stay where they are
   and keep accumulating, so ``cost.decode_tokens[i]`` is the work done in slot ``i`` across all particles that
   lived there, and the sums over slots are the total work.
 """
