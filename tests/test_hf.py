@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,16 @@ import pytest
 import torch
 
 from egps_ppl.errors import EGPSError, ModelFileError, NumericalError
+from egps_ppl.models import registry
 from egps_ppl.models.hf import HFModel
 from egps_ppl.models.kv_pool import KVPool
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.models.registry import tiny_gpt2, tiny_llama
 from egps_ppl.state import PAD, Sequences
+
+# Where the backend tests build their models: EGPS_TEST_DEVICE=cuda runs them on a GPU (tools/gpu_check.py).
+DEVICE = os.environ.get("EGPS_TEST_DEVICE", "cpu")
+tiny_gpt2 = functools.partial(registry.tiny_gpt2, device=DEVICE)
+tiny_llama = functools.partial(registry.tiny_llama, device=DEVICE)
 
 TOL = 1e-4
 STATS = ("logp", "logq", "entropy", "logz")
@@ -224,7 +231,7 @@ def test_compaction_does_not_change_results() -> None:
 
 
 def test_merge_reuses_descendant_pool_and_copies_rows_otherwise() -> None:
-    model = tiny_gpt2()
+    model = tiny_gpt2(compact_below=0.0)  # no compaction after the cut: the proposal keeps the state's slot layout
     ref = tiny_gpt2(reuse_cache=False)
     policy = PowerPolicy(alpha=2.0)
     seqs = model.start(model.encode("xy"), 3, 24, policy)
@@ -432,3 +439,84 @@ def test_smollm2_takes_real_kernel_steps(smollm2: HFModel, spec: str) -> None:
     fresh, _ = smollm2.score(state.with_(cache=None), torch.zeros_like(state.length))
     torch.testing.assert_close(fresh.log_p(), state.log_p(), atol=2e-3, rtol=0)
     torch.testing.assert_close(torch.as_tensor(mcmc.get_samples()["log_p"][:, -1]), state.log_p())
+
+
+# ---------------------------------------------------------------------------- half precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_float32_statistics(dtype: torch.dtype) -> None:
+    from egps_ppl.models.hf import _stats, _target_stats
+
+    logits = (torch.randn(5, 257, generator=gen(0)) * 8).to(dtype)
+    stats = _stats(logits, PowerPolicy(alpha=4.0))
+    ref = _stats(logits.float(), PowerPolicy(alpha=4.0))
+    for name in ("logp", "logq", "entropy", "logz"):
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, getattr(ref, name))  # the upcast comes first: log-softmax never runs in half
+    lp, *_ = _target_stats(logits, torch.arange(5), PowerPolicy(alpha=4.0))
+    assert lp.dtype == torch.float32
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_bfloat16_model_statistics_are_float64_and_close_to_float32(build: Any) -> None:
+    """A bf16 forward pass with statistics accumulated in float32 (per token) and float64 (per sequence).
+
+    Tolerance: bf16 keeps 8 significant bits (relative round-off 2^-8 ~ 0.4 %). The tiny models' logits reach
+    magnitudes ~10, so logits and hence log p, entropy move by a few 0.01 on average (measured: mean 0.007-0.04,
+    max 0.06-0.18 nats over 4 x 48 tokens); log q and log Z are α = 4 times as sensitive. The bounds below are
+    about 3x the measured ones: they catch a half-precision log-softmax or a lost upcast (errors of whole nats on
+    peaked rows), not bf16's own rounding.
+    """
+    f32, bf16 = build(), build(dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    seqs = f32.start(f32.encode("The cat sat"), 4, 48, PowerPolicy(alpha=4.0))
+    out, _ = f32.extend(seqs, torch.zeros(4, dtype=torch.long), generator=gen(0))
+    zero = torch.zeros(4, dtype=torch.long)
+    a, _ = f32.score(out.with_(cache=None), zero)
+    b, _ = bf16.score(out.with_(cache=None), zero)  # the same tokens, teacher-forced in bf16
+    sampled, _ = bf16.extend(
+        bf16.start(bf16.encode("The cat sat"), 4, 48, PowerPolicy(alpha=4.0)), zero, generator=gen(0)
+    )
+    mask = out.valid_mask()
+    for stat, scale in (("logp", 1.0), ("entropy", 1.0), ("logq", 4.0), ("logz", 4.0)):
+        assert getattr(b, stat).dtype == getattr(sampled, stat).dtype == torch.float64
+        diff = (getattr(a, stat) - getattr(b, stat))[mask].abs()
+        assert diff.mean() <= 0.1 * scale and diff.max() <= 0.5 * scale, (stat, diff.mean(), diff.max())
+    # The bf16 pool is exact for itself: its cached statistics are its own recomputed ones (to bf16 round-off).
+    again = full_score(bf16, sampled)
+    smask = sampled.valid_mask()
+    assert (again.logp - sampled.logp)[smask].abs().mean() <= 0.1
+
+
+# ---------------------------------------------------------------------------- tools/gpu_check.py
+def _gpu_check() -> Any:
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_runs_its_cpu_side_logic_on_tiny_shapes(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    args = ["--device", "cpu", "--quick", "--threads", "1", "--sizes", "0.5b", "--chains", "1,2", "--out", str(out)]
+    result = _gpu_check().main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["tests"]["passed"] and "EGPS_TEST_DEVICE" not in result["tests"]["command"]
+    (bench,) = result["throughput"]
+    assert bench["model"] == "random-qwen2.5-0.5b" and bench["parameters"] < 10**6  # tiny shapes in --quick
+    assert [r["chains"] for r in bench["rows"]] == [1, 2]
+    for row in bench["rows"]:
+        assert row["sample_tokens"] > 0 and row["mh_forward_calls"] > 0
+        assert row["mid_cut_speedup"] > 0 and row["peak_memory_bytes"] is None  # no CUDA memory on the CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_check_without_cuda_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _gpu_check().main(["--device", "cuda"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gpu_check: no CUDA device")

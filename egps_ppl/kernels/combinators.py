@@ -99,24 +99,52 @@ class Mixture(Kernel):
         num = state.num_rows
         choice = categorical(self.weights, num, generator, state.stream).to(state.device)
         info = StepInfo.idle(num, state.device)
-        result = state
+        parts: list[tuple[torch.Tensor, Sequences]] = []
         for j, kernel in enumerate(self.kernels):
             rows = (choice == j).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            sub_state, sub_info = kernel.step(state.take(rows), generator)
-            # Scatter back: every row of `spread` is some row of `sub_state`; only this kernel's rows are used.
-            slot = torch.zeros(num, dtype=torch.long, device=state.device)
-            slot[rows] = torch.arange(rows.numel(), device=state.device)
-            mine = choice == j
-            result = result.where(mine, sub_state.take(slot))
+            # Every row picked this kernel: step the state itself (no row selection, so no cache rows copied).
+            sub = state if rows.numel() == num else state.take(rows)
+            sub_state, sub_info = kernel.step(sub, generator)
+            parts.append((rows, sub_state))
             info.accepted[rows] = sub_info.accepted
             info.accept_prob[rows] = sub_info.accept_prob
             info.cut[rows] = sub_info.cut
             info.decode_tokens[rows] += sub_info.decode_tokens
             info.scored_tokens[rows] += sub_info.scored_tokens
             info.forward_calls += sub_info.forward_calls
-        return result, info
+        if len(parts) == 1:
+            # As the scatter below would: the rows of the part in the input's frame (limit, policy, EOS).
+            only = parts[0][1]
+            return only.with_(limit=state.limit, policy=state.policy, eos_token_id=state.eos_token_id), info
+        return _scatter(state, parts), info
+
+
+def _scatter(state: Sequences, parts: list[tuple[torch.Tensor, Sequences]]) -> Sequences:
+    """One batch of ``state.num_rows`` rows whose rows ``rows_j`` are the rows of ``sub_j`` (the ``rows_j`` partition
+    the batch).
+
+    When every part's cache offers ``scatter(num_rows, [(rows, cache), ...])`` (the KV pool does), each cache row is
+    copied once into the result; otherwise the caches are spread with ``take`` and merged with ``where``.
+    """
+    num = state.num_rows
+    caches = [sub.cache for _, sub in parts]
+    kinds = {type(c) for c in caches}
+    direct = None not in caches and len(kinds) == 1 and hasattr(next(iter(kinds)), "scatter")
+    result = state.with_(cache=None) if direct else state
+    for rows, sub in parts:
+        # Every row of the spread batch is some row of `sub`; only this part's rows are used.
+        slot = torch.zeros(num, dtype=torch.long, device=state.device)
+        slot[rows] = torch.arange(rows.numel(), device=state.device)
+        mine = torch.zeros(num, dtype=torch.bool, device=state.device)
+        mine[rows] = True
+        spread = sub.with_(cache=None).take(slot) if direct else sub.take(slot)
+        result = result.where(mine, spread)
+    if direct:
+        cache_type = next(iter(kinds))
+        result = result.with_(cache=cache_type.scatter(num, [(rows, sub.cache) for rows, sub in parts]))
+    return result
 
 
 def _combine(infos: list[StepInfo]) -> StepInfo:

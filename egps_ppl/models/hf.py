@@ -9,6 +9,13 @@ tokens are appended as new slots. Hence
 * cutting a row at completion position ``i`` = invalidating its slots at positions ``>= P + i - 1`` and
   re-feeding token ``x_{i-1}`` (the last prompt token when ``i = 0``): a cut at ``i`` of an ``n``-token
   completion costs ``n - i`` decode steps plus one re-fed token;
+* a cut that leaves many stale slots behind (an early cut) is followed by a compaction when attending to and
+  carrying those slots through the coming decode calls would cost more than one gather of the live slots
+  (:meth:`HFModel._shed_stale`; a slice, no copy, when the live slots already come first), so an early cut
+  decodes over as many slots as a fresh cache would;
+* the decode calls of one ``extend`` append into a per-call preallocated buffer (:class:`_SlotBuffer`) instead
+  of concatenating the whole pool at every step; pools handed out are views of its filled part, never written
+  again, so pools stay immutable values shared through lineage;
 * rows decode in lock-step; rows that are done feed a dummy token whose slot is recorded invalid;
 * ``score`` feeds each row's tokens from its start in one call (rows right-padded);
 * ``Sequences.where`` after an accept/reject only swaps ``slot_pos`` rows when the proposal's pool descends from
@@ -301,16 +308,25 @@ class HFModel(LanguageModel):
         return cache
 
     def _forward(
-        self, pool: KVPool, tok: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor, keep: torch.Tensor
+        self,
+        pool: KVPool,
+        tok: torch.Tensor,
+        pos: torch.Tensor,
+        new_valid: torch.Tensor,
+        keep: torch.Tensor,
+        buffer: _SlotBuffer | None = None,
     ) -> tuple[torch.Tensor, KVPool]:
         """Feed ``tok[C, L]`` at absolute positions ``pos[C, L]`` after the pool's slots.
 
         Returns the logits of the positions in ``keep`` (``bool[C, L]``) as ``[keep.sum(), V]`` (row-major order)
-        and the pool with the ``L`` new slots appended (slots where ``new_valid`` is false recorded invalid).
+        and the pool with the ``L`` new slots appended (slots where ``new_valid`` is false recorded invalid). With
+        ``buffer`` (whose filled part ``pool`` is), the new slots are written into it instead of concatenated.
         """
         C, L = tok.shape
         dev = self.device
         cache = self._dynamic_cache(pool)
+        if buffer is not None:
+            buffer.attach(cache, pool)
         # New tokens are always visible within this call (a padded query then attends to itself, never to an
         # empty set, so no NaN can enter the pool); real tokens precede pads, so they never see them.
         mask = torch.cat([pool.valid(), torch.ones(C, L, dtype=torch.bool, device=dev)], 1).long()
@@ -413,6 +429,19 @@ class HFModel(LanguageModel):
         if need_from is None:
             result.last = last
         return result
+
+    def _shed_stale(self, pool: KVPool, calls: int) -> KVPool:
+        """``pool`` compacted when its stale slots (left by a cut) would cost more to attend to and carry through
+        the next ``calls`` forward calls than one gather of the live slots (a slice when they already come first).
+
+        ``compact_below = 0`` turns this off, as it turns off compaction after ``where``/``take``.
+        """
+        if self.compact_below <= 0 or pool.num_slots == 0:
+            return pool
+        stale = pool.stale_slots()
+        if stale > 0 and stale * max(1, calls) >= pool.num_slots:
+            return pool.compact()
+        return pool
 
     def _working_pool(self, seqs: Sequences) -> KVPool:
         """The pool to continue from: ``seqs.cache`` when reusing, else an empty pool (recompute from the prompt)."""
@@ -553,12 +582,17 @@ class HFModel(LanguageModel):
         held = pool.consistent_prefix(full, seq_len).cpu()
         lo = torch.where(active, torch.minimum(held, seq_len - 1), held)
         hi = torch.where(active, seq_len, lo)
-        pool = pool.cut(lo)
+        steps = int((stop_t - length)[active].max())  # decode calls to come, at most (one per sampled token)
+        pool = self._shed_stale(pool.cut(lo), steps)
         fed = self._feed(pool, full, lo, hi, out.policy, P, out.capacity)
         pool, calls, nxt = fed.pool, fed.calls, fed.last
         scored += hi - lo
 
         dev = self.device
+        # The decode calls append one slot each into a buffer owned by this call (no concatenation per step).
+        buffer = _SlotBuffer(pool, steps - 1) if steps > 1 and pool.num_slots else None
+        if buffer is not None:
+            pool = buffer.pool
         while True:
             rows = active.nonzero().flatten()
             rows_d = rows.to(dev)
@@ -581,13 +615,15 @@ class HFModel(LanguageModel):
             tok[active, 0] = tokens[active, length[active] - 1]
             step_pos = (P + length - 1).unsqueeze(1)
             keep = active.unsqueeze(1)
-            logits, pool = self._forward(pool, tok, step_pos, keep, keep)
+            logits, pool = self._forward(pool, tok, step_pos, keep, keep, buffer)
             calls += 1
             stats = _stats(logits, out.policy)
             act_d = active.nonzero().flatten().to(dev)
             nxt.logp[act_d], nxt.logq[act_d] = stats.logp, stats.logq
             nxt.entropy[act_d], nxt.logz[act_d] = stats.entropy, stats.logz
 
+        if buffer is not None:
+            pool = buffer.release(pool)
         result = out.with_(
             tokens=tokens, length=length, logp=logp, logq=logq, entropy=ent, logz=logz, cache=self._finish_pool(pool)
         )
@@ -660,6 +696,75 @@ class HFModel(LanguageModel):
 
 
 # ---------------------------------------------------------------- helpers
+class _SlotBuffer:
+    """Per-layer key/value buffers of ``S + extra`` slots that the decode loop of one ``extend`` call appends into.
+
+    The pool's ``S`` slots are copied in once; each forward call then writes its new slots in place and the pools
+    it returns hold views of the filled part. The buffer is created by, and written only within, one backend call,
+    and it only ever writes past every view handed out, so pools stay immutable values: two proposals branched from
+    one state never share a buffer region that either writes to.
+    """
+
+    def __init__(self, pool: KVPool, extra: int) -> None:
+        C, S = pool.num_rows, pool.num_slots
+        self.capacity = S + extra
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(C, t.shape[1], self.capacity, t.shape[3])
+            out[:, :, :S] = t
+            return out
+
+        self.keys = [grow(k) for k in pool.keys]
+        self.values = [grow(v) for v in pool.values]
+        self.pool = dataclasses.replace(
+            pool,
+            keys=tuple(k[:, :, :S] for k in self.keys),
+            values=tuple(v[:, :, :S] for v in self.values),
+        )
+
+    def attach(self, cache: Any, pool: KVPool) -> None:
+        """Make ``cache``'s layers (built from ``pool``, the filled part of this buffer) append in place."""
+        if len(cache.layers) != len(self.keys) or not pool.keys:
+            return
+        if pool.keys[0].data_ptr() != self.keys[0].data_ptr():
+            return  # not this buffer's pool: the layers concatenate as usual
+        for i, layer in enumerate(cache.layers):
+            layer.update = _BufferedUpdate(self, i, layer)
+
+    def release(self, pool: KVPool) -> KVPool:
+        """The final pool: views of the buffer, or a copy of the filled part when most of the buffer went unused
+        (rows finished early), so a long-lived pool does not pin an oversized buffer."""
+        if not pool.keys or pool.keys[0].data_ptr() != self.keys[0].data_ptr():
+            return pool
+        if 2 * pool.num_slots >= self.capacity:
+            return pool
+        return dataclasses.replace(
+            pool,
+            keys=tuple(k.contiguous() for k in pool.keys),
+            values=tuple(v.contiguous() for v in pool.values),
+        )
+
+
+class _BufferedUpdate:
+    """A cache layer's ``update`` that writes the new keys/values into a :class:`_SlotBuffer` (falls back to the
+    layer's own concatenation when they would not fit)."""
+
+    def __init__(self, buffer: _SlotBuffer, index: int, layer: Any) -> None:
+        self.buffer, self.index, self.layer = buffer, index, layer
+        self.fallback = type(layer).update.__get__(layer)
+
+    def __call__(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        layer, i = self.layer, self.index
+        n, L = layer.keys.shape[2], key_states.shape[2]
+        keys, values = self.buffer.keys[i], self.buffer.values[i]
+        if n + L > self.buffer.capacity or layer.keys.data_ptr() != keys.data_ptr():
+            return self.fallback(key_states, value_states, *args, **kwargs)
+        keys[:, :, n : n + L] = key_states
+        values[:, :, n : n + L] = value_states
+        layer.keys, layer.values = keys[:, :, : n + L], values[:, :, : n + L]
+        return layer.keys, layer.values
+
+
 def _stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
     """:func:`next_token_stats` over rows of ``logits[N, V]``, in pieces that bound the float32 temporaries."""
     n, V = logits.shape

@@ -15,11 +15,17 @@ appended slots, a row-wise copy or a compaction creates a new snapshot; cutting 
 history; ``take`` remaps ``rows``. ``merge`` uses this to decide, per row, whether a proposal's pool still holds
 the current state's slots at the same indices (then it only swaps ``slot_pos``) or whether rows must be copied
 into a new pool.
+
+Bounded memory: stale slots are dropped by :meth:`KVPool.compact` (a slice when each row's live slots already come
+first, else one gather), which the backend applies right after a cut that left many stale slots (before decoding)
+and after ``take``/``where`` when every row uses at most ``compact_below`` of the slots; :meth:`KVPool.scatter`
+reassembles a batch from row groups with one copy per row (``Mixture``).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -262,6 +268,35 @@ class KVPool:
         values = tuple(pick(current.values, other.values, i) for i in range(len(template)))
         return KVPool(keys, values, slot_pos, slot_tok, (), current.compact_below).snapshotted()
 
+    @staticmethod
+    def scatter(num_rows: int, parts: Sequence[tuple[torch.Tensor, KVPool]]) -> KVPool:
+        """A pool of ``num_rows`` rows whose rows ``rows_j`` are the rows of ``pool_j``, for ``(rows_j, pool_j)`` in
+        ``parts`` (the ``rows_j`` partition ``0..num_rows-1``): each row is copied once, into ``max_j S_j`` slots.
+
+        Used by :class:`~egps_ppl.kernels.combinators.Mixture` to reassemble the sub-kernels' batches.
+        """
+        first = parts[0][1]
+        device = first.device
+        width = max(p.num_slots for _, p in parts)
+        slot_pos = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
+        slot_tok = slot_pos.clone()
+        template = next((p.keys for _, p in parts if p.keys), ())
+        if not template:
+            return KVPool((), (), slot_pos, slot_tok, (), first.compact_below).snapshotted()
+        keys = [t.new_zeros(num_rows, t.shape[1], width, t.shape[3]) for t in template]
+        values = [t.new_zeros(num_rows, t.shape[1], width, t.shape[3]) for t in template]
+        for rows, pool in parts:
+            idx = rows.to(device)
+            n = pool.num_slots
+            if n == 0:
+                continue
+            slot_pos[idx, :n] = pool.slot_pos
+            slot_tok[idx, :n] = pool.slot_tok
+            for out, src in zip(keys + values, pool.keys + pool.values, strict=True):
+                out[idx, :, :n] = src
+        pool = KVPool(tuple(keys), tuple(values), slot_pos, slot_tok, (), first.compact_below)
+        return pool.snapshotted()
+
     # ----------------------------------------------------------------- compaction
     def wasted(self, threshold: float) -> bool:
         """Whether every row has at most ``threshold`` of the slots valid (and something to gain)."""
@@ -276,26 +311,50 @@ class KVPool:
         width = int(valid.sum(1).max()) if self.num_slots else 0
         if width == self.num_slots:
             return self
-        big = torch.iinfo(torch.long).max
-        order = torch.where(valid, self.slot_pos, torch.full_like(self.slot_pos, big)).argsort(1)[:, :width]
-        slot_pos = self.slot_pos.gather(1, order)
-        slot_tok = self.slot_tok.gather(1, order)
-        index = order[:, None, :, None]
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            return t.gather(2, index.expand(t.shape[0], t.shape[1], width, t.shape[3]))
-
         if width == 0:
             return replace(KVPool.empty(self.num_rows, self.device), compact_below=self.compact_below)
+        if self._sorted_prefix(width):
+            # Every row's valid slots already come first, in position order: a view of the first slots, no copy.
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return t[:, :, :width]
+
+            slot_pos, slot_tok = self.slot_pos[:, :width], self.slot_tok[:, :width]
+        else:
+            big = torch.iinfo(torch.long).max
+            order = torch.where(valid, self.slot_pos, torch.full_like(self.slot_pos, big)).argsort(1)[:, :width]
+            slot_pos = self.slot_pos.gather(1, order)
+            slot_tok = self.slot_tok.gather(1, order)
+            index = order[:, None, :, None]
+
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return t.gather(2, index.expand(t.shape[0], t.shape[1], width, t.shape[3]))
+
         pool = KVPool(
-            tuple(gather(k) for k in self.keys),
-            tuple(gather(v) for v in self.values),
+            tuple(cut(k) for k in self.keys),
+            tuple(cut(v) for v in self.values),
             slot_pos,
             slot_tok,
             (),
             self.compact_below,
         )
         return replace(pool, history=pool._snapshot())
+
+    def _sorted_prefix(self, width: int) -> bool:
+        """Whether slots ``>= width`` are all invalid and the valid slots of every row come first, by position."""
+        head = self.slot_pos[:, :width]
+        valid = head >= 0
+        if bool((self.slot_pos[:, width:] >= 0).any()):
+            return False
+        # valid slots form a prefix (no valid slot after an invalid one) with increasing positions
+        prefix = bool((valid[:, 1:] <= valid[:, :-1]).all())
+        rising = bool(((head[:, 1:] > head[:, :-1]) | ~valid[:, 1:]).all())
+        return prefix and rising
+
+    def stale_slots(self) -> int:
+        """Slots that :meth:`compact` would drop (``S`` minus the most valid slots of any row)."""
+        if self.num_slots == 0:
+            return 0
+        return self.num_slots - int(self.valid().sum(1).max())
 
     def maybe_compact(self, threshold: float) -> KVPool:
         """:meth:`compact` if :meth:`wasted`, else ``self``."""

