@@ -68,6 +68,13 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
+# On a CUDA machine: the HF-backend exactness tests on the GPU, then batched throughput of random Qwen2.5-0.5B/1.5B
+# shapes in bf16 (JSON on stdout). Fails with one line where there is no CUDA device. No `setup` prerequisite:
+# setup installs the CPU build of torch; install the CUDA build in $(VENV) first (docs/gpu.md).
+.PHONY: gpu-check
+gpu-check:
+	$(BIN)/python tools/gpu_check.py --out runs/gpu_check.json
+
 # Re-execute notebooks/*.ipynb in place, SmolLM2 section included (refreshes the committed outputs; a few minutes).
 notebooks: $(STAMP)
 	$(BIN)/python tools/execute_notebooks.py --smollm2

@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     if "tests" in result and not result["tests"]["passed"]:
         raise SystemExit(1)
