@@ -63,6 +63,18 @@ def test_prefix_reuse_quick(tmp_path: Path) -> None:
     assert [s["chains"] for s in part2["scaling"]] == list(prefix_reuse.CHAIN_COUNTS)
     assert part2["speedup_throughput"] > 0
 
+    part3 = model["long_run"]
+    default, kept = part3["variants"]["default"], part3["variants"]["no_compaction"]
+    assert len(default["pool_slots"]) == part3["steps"] == data["config"]["long_run_steps"]
+    # The default pool stays bounded (live slots are at most prompt + max_new_tokens; it holds at most twice
+    # that) and never holds more than the pool that keeps its stale slots.
+    assert default["max_pool_slots"] <= 2 * (prompt + part3["max_new_tokens"])
+    assert default["max_pool_slots"] <= kept["max_pool_slots"]
+    assert default["max_live_slots"] <= default["max_pool_slots"]
+    memory = model["memory"]
+    if memory["reset_supported"]:
+        assert memory["part1_peak_rss_bytes"] > 0 and default["peak_rss_bytes"] > 0
+
 
 def test_common_helpers(tmp_path: Path) -> None:
     from benchmarks.common import Timer, jsonable, median, write_results
@@ -113,3 +125,29 @@ def test_paired_difference_is_clustered_by_problem() -> None:
     # Per problem: p1 (1 + 0) / 2 = 0.5, p2 0 -> mean 0.25 over 2 problems.
     assert result["diff"] == 0.25 and result["problems"] == 2 and result["units"] == 3
     assert result["ci95"][0] <= 0.25 <= result["ci95"][1]
+
+
+def test_fidelity_quick(tmp_path: Path) -> None:
+    from benchmarks import fidelity
+
+    payload = fidelity.main(["--quick", "--out", str(tmp_path)])
+    assert len(payload["problems"]) == 2
+    for problem in payload["problems"]:
+        assert abs(sum(problem["reference"].values()) - 1.0) < 1e-9
+        assert 0.0 <= problem["mh_vs_smc_tv"] <= 1.0 and problem["top_answer"] in problem["reference"]
+    assert set(payload["curves"]) == {"low-temp", "mh", "egps"}
+    assert [p["steps"] for p in payload["curves"]["mh"]] == [1, 2]
+    for points in payload["curves"].values():
+        assert all(0.0 <= p["tv_mean"] <= 1.0 and p["decode_tokens_per_chain"] > 0 for p in points)
+    assert payload["mixing"]["mh"]["problems"][0]["rhat_log_p"] is not None
+    assert (tmp_path / "fidelity.png").stat().st_size > 0
+
+
+def test_total_variation_and_noise_floor() -> None:
+    from benchmarks.fidelity import histogram, noise_floor, tv
+
+    assert histogram(["1", "1", "2", None]) == {"1": 0.5, "2": 0.25, "None": 0.25}
+    assert tv({"1": 1.0}, {"2": 1.0}) == 1.0
+    reference = {"1": 0.5, "2": 0.5}
+    # More exact draws, less sampling noise.
+    assert noise_floor(reference, 400) < noise_floor(reference, 16) < 0.25

@@ -1,0 +1,269 @@
+"""Fidelity to π on a real model: how far each sampler's answer distribution is from π's, against compute.
+
+::
+
+    python -m benchmarks.fidelity                       # SmolLM2-135M, 10 arithmetic problems
+    python -m benchmarks.fidelity --quick --out /tmp/f  # tiny-gpt2, 2 problems (seconds; the tests)
+    python -m benchmarks.fidelity --docs docs/benchmarks
+
+Accuracy cannot tell sampling π from merely sharpening p. For each problem this estimates a **reference answer
+distribution under π** from two independent long runs, which must agree:
+
+* MCMC: ``--ref-chains`` MH chains of ``--ref-steps`` steps each from low-temperature starts (the answer of each
+  chain's final state);
+* Power-SMC: ``--ref-particles`` particles (the answers weighted by the final importance weights).
+
+Their total-variation distance (TV) is reported per problem; the reference is their average. Each method then
+runs ``--chains`` independent chains per problem at each budget, and the TV between the answer histogram of its
+final states and the reference is plotted against decode tokens per chain. The answer is what the task grader
+extracts (``None``: no answer). TVs carry Monte-Carlo noise from both sides: the noise floor of ``--chains``
+samples from the reference itself is reported alongside (the expected TV of that many exact draws).
+
+Alongside, the **mixing** comparison: for each MCMC method, ``--mix-chains`` chains per problem of
+``--mix-steps`` steps recorded every step (the batched :class:`egps_ppl.infer.MCMC` runner, ArviZ export), giving
+R-hat and bulk ESS of log p and of the indicator "answer = the reference's most likely answer", and bulk ESS
+per 1,000 decode tokens.
+
+Writes ``<out>/fidelity.json`` and ``<out>/fidelity.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+
+NAME = "fidelity"
+METHODS = ("mh", "entropy-cut-mh", "egps", "egps-local")
+
+
+def tv(p: dict[Any, float], q: dict[Any, float]) -> float:
+    """Total variation between two distributions over answers (dicts of probabilities).
+
+    Examples
+    --------
+    >>> tv({"1": 0.5, "2": 0.5}, {"1": 1.0})
+    0.5
+    """
+    keys = set(p) | set(q)
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
+
+
+def histogram(answers: list[Any], weights: list[float] | None = None) -> dict[Any, float]:
+    """Normalised answer histogram (optionally weighted)."""
+    weights = weights or [1.0] * len(answers)
+    total = sum(weights)
+    out: Counter = Counter()
+    for a, w in zip(answers, weights, strict=True):
+        out[str(a)] += w / total
+    return dict(out)
+
+
+def noise_floor(reference: dict[Any, float], n: int, reps: int = 400, seed: int = 0) -> float:
+    """Mean TV between ``n`` exact draws from ``reference`` and ``reference`` itself."""
+    rng = random.Random(seed)
+    keys, probs = list(reference), list(reference.values())
+    return float(np.mean([tv(histogram(rng.choices(keys, probs, k=n)), reference) for _ in range(reps)]))
+
+
+def _answers(task: Any, lm: Any, problem: Any, seqs: Any) -> list[Any]:
+    return [task.extract(lm.decode(seqs.row_tokens(r))) for r in range(seqs.num_rows)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from egps_ppl.evals.tasks import load_task
+    from egps_ppl.infer import MCMC, MCMCSampler
+    from egps_ppl.infer.batched import Unit, run_units
+    from egps_ppl.infer.smc import PowerSMC
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.registry import load_model
+    from egps_ppl.target import PowerDistribution
+
+    lm = load_model(args.model)
+    task = load_task(args.task)
+    problems = task.problems(args.problems)
+    prompts = [task.build_prompt(p, lm) for p in problems]
+
+    def chains_of(sampler: Any, seed: int) -> list[Any]:
+        units = [Unit(i, prompts[i], 1000 * seed + i) for i in range(len(problems))]
+        outs = {o.key: o for o in run_units(sampler, lm, units, args.alpha, args.max_new_tokens, args.batch)}
+        return [outs[i] for i in range(len(problems))]
+
+    # Reference: long MH chains and Power-SMC, independently.
+    ref_mh = chains_of(MCMCSampler("mh", steps=args.ref_steps, num_chains=args.ref_chains, select="first"), 1)
+    smc = PowerSMC(num_particles=args.ref_particles, check_every=args.ess_every)
+    ref_smc = chains_of(smc, 2)
+    per_problem = []
+    for i, problem in enumerate(problems):
+        mh_hist = histogram(_answers(task, lm, problem, ref_mh[i].result.samples))
+        weights = ref_smc[i].result.log_weights.exp().tolist()
+        smc_hist = histogram(_answers(task, lm, problem, ref_smc[i].result.samples), weights)
+        keys = set(mh_hist) | set(smc_hist)
+        reference = {k: 0.5 * (mh_hist.get(k, 0.0) + smc_hist.get(k, 0.0)) for k in keys}
+        per_problem.append(
+            {
+                "problem_id": problem.id,
+                "reference_answer": problem.answer,
+                "reference": reference,
+                "mh_vs_smc_tv": round(tv(mh_hist, smc_hist), 4),
+                "mh_noise_floor": round(noise_floor(reference, args.ref_chains), 4),
+                "smc_ess": round(float(ref_smc[i].result.extra["final_ess"]), 1),
+                "top_answer": max(reference, key=reference.get),
+            }
+        )
+    # Each method at each budget: answer histogram of independent chains.
+    curves: dict[str, list[dict[str, Any]]] = {}
+    samplers: list[tuple[str, int | None, Any]] = [("low-temp", None, None)]
+    samplers += [
+        (m, s, MCMCSampler(m, steps=s, num_chains=args.chains, select="first"))
+        for m in args.methods
+        for s in args.budgets
+    ]
+    from egps_ppl.infer.samplers import LowTempSampler
+
+    for name, steps, sampler in samplers:
+        sampler = sampler or LowTempSampler(n=args.chains)
+        outs = chains_of(sampler, 3)
+        tvs, decode = [], []
+        for i, problem in enumerate(problems):
+            hist = histogram(_answers(task, lm, problem, outs[i].result.samples))
+            tvs.append(tv(hist, per_problem[i]["reference"]))
+            decode.append(float(outs[i].result.cost.decode_tokens.sum()) / args.chains)
+        curves.setdefault(name, []).append(
+            {
+                "steps": steps,
+                "tv_mean": round(float(np.mean(tvs)), 4),
+                "tv_se": round(float(np.std(tvs, ddof=1) / math.sqrt(len(tvs))), 4) if len(tvs) > 1 else None,
+                "decode_tokens_per_chain": round(float(np.mean(decode)), 1),
+            }
+        )
+        print(f"{name:>15} steps {steps}: TV {curves[name][-1]['tv_mean']:.3f}", flush=True)
+    # Mixing: recorded chains per method, R-hat and ESS from ArviZ.
+    mixing: dict[str, Any] = {}
+    for method in args.methods:
+        rows = []
+        for i, problem in enumerate(problems[: args.mix_problems]):
+            target = PowerDistribution(lm, prompts[i], args.alpha, args.max_new_tokens)
+            mcmc = MCMC(
+                build_kernel(method, target), num_samples=args.mix_steps, num_chains=args.mix_chains, seed=i,
+                progress=False,
+            ).run()  # fmt: skip
+            summary = mcmc.summary()
+            tokens = mcmc.get_samples()["tokens"]  # [chain, draw, position]
+            top = per_problem[i]["top_answer"]
+            indicator = np.array(
+                [[float(str(task.extract(lm.decode([t for t in draw if t >= 0]))) == top) for draw in chain]
+                 for chain in tokens]
+            )  # fmt: skip
+            decode = float(mcmc.total_cost().decode_tokens.sum())
+            rows.append(
+                {
+                    "problem_id": problem.id,
+                    "rhat_log_p": _get(summary, "rhat", "log_p"),
+                    "ess_bulk_log_p": _get(summary, "ess_bulk", "log_p"),
+                    "ess_bulk_answer": _ess(indicator),
+                    "rhat_answer": _rhat(indicator),
+                    "decode_tokens": decode,
+                }
+            )
+        ess_per_k = [1000 * r["ess_bulk_log_p"] / r["decode_tokens"] for r in rows if r["ess_bulk_log_p"] is not None]
+        ans_per_k = [1000 * r["ess_bulk_answer"] / r["decode_tokens"] for r in rows if r["ess_bulk_answer"] is not None]
+        mixing[method] = {
+            "problems": rows,
+            "ess_log_p_per_1k_decode": round(float(np.mean(ess_per_k)), 3) if ess_per_k else None,
+            "ess_answer_per_1k_decode": round(float(np.mean(ans_per_k)), 3) if ans_per_k else None,
+        }
+    return {"problems": per_problem, "curves": curves, "mixing": mixing}
+
+
+def _get(summary: dict[str, Any], key: str, var: str) -> float | None:
+    value = summary.get("variables", {}).get(var, {}).get(key)
+    return None if value is None or not math.isfinite(float(value)) else round(float(value), 3)
+
+
+def _ess(values: np.ndarray) -> float | None:
+    from egps_ppl.diagnostics.arviz_export import az
+
+    if np.all(values == values.flat[0]):
+        return None  # a constant indicator has no defined ESS
+    return round(float(az.ess(values, method="bulk")), 3)
+
+
+def _rhat(values: np.ndarray) -> float | None:
+    from egps_ppl.diagnostics.arviz_export import az
+
+    if np.all(values == values.flat[0]):
+        return None
+    return round(float(az.rhat(values)), 3)
+
+
+def plot(result: dict[str, Any], path: Path) -> Any:
+    fig, axes = new_figure(1, 1, size=(7.0, 4.6))
+    ax = axes[0, 0]
+    for name, points in result["curves"].items():
+        x = [p["decode_tokens_per_chain"] for p in points]
+        y = [p["tv_mean"] for p in points]
+        err = [p["tv_se"] or 0.0 for p in points]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    floor = np.mean([p["mh_noise_floor"] for p in result["problems"]])
+    ax.axhline(floor, color="0.5", ls="--", lw=0.8, label="noise floor (reference)")
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens per chain (log)")
+    ax.set_ylabel("TV of the answer distribution to π's")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument("--problems", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--ref-chains", type=int, default=32)
+    parser.add_argument("--ref-steps", type=int, default=30)
+    parser.add_argument("--ref-particles", type=int, default=64)
+    parser.add_argument("--ess-every", type=int, default=8)
+    parser.add_argument("--chains", type=int, default=16)
+    parser.add_argument("--budgets", default="2,5,10")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--mix-chains", type=int, default=4)
+    parser.add_argument("--mix-steps", type=int, default=20)
+    parser.add_argument("--mix-problems", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--docs", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.problems, args.max_new_tokens = "tiny-gpt2", 2, 6
+        args.ref_chains, args.ref_steps, args.ref_particles, args.chains = 8, 4, 8, 4
+        args.budgets, args.methods, args.mix_steps, args.mix_problems = "1,2", "mh,egps", 4, 1
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    args.methods = args.methods.split(",")
+    threads = set_threads(args.threads)
+    result = run(args)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "docs")}
+    payload = {"benchmark": NAME, "config": {**config, "threads": threads}, "environment": environment(), **result}
+    json_path, png_path = write_results(NAME, payload, args.out, plot(result, Path(args.out)))
+    if args.docs and png_path is not None:
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png_path, Path(args.docs) / png_path.name)
+    print(f"wrote {json_path}")
+    return json.loads(json_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
