@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
 
 NAME = "batched_eval"
-METHODS = ("plain", "low-temp", "mh", "egps")
+METHODS = ("mh", "egps", "low-temp", "plain")
 BATCHES = (1, 4, 8, 16, 32)
 QUICK_BATCHES = (1, 4)
 
@@ -141,6 +142,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "records_identical_across_batches": all(r["same_records_as_batch_1"] for r in rows),
             "accuracy": base["accuracy"],
         }
+        _write(args, model_name, units, batches, threads, results)  # partial results survive an interruption
+    json_path = _write(args, model_name, units, batches, threads, results)
+    print(f"wrote {json_path}")
+    return json.loads(json_path.read_text())
+
+
+def _write(
+    args: argparse.Namespace, model_name: str, units: int, batches: tuple, threads: int, results: dict[str, Any]
+) -> Path:
     payload = {
         "benchmark": NAME,
         "config": {
@@ -158,13 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": results,
         "goal": "≥ 5x units/s at the best batch for mh and egps on a 2-core CPU",
     }
-    fig = _plot(results)
-    json_path, png_path = write_results(NAME, payload, args.out, fig)
+    json_path, png_path = write_results(NAME, payload, args.out, _plot(results))
     if args.docs and png_path is not None:
         Path(args.docs).mkdir(parents=True, exist_ok=True)
         shutil.copy(png_path, Path(args.docs) / png_path.name)
-    print(f"wrote {json_path}")
-    return payload
+    return json_path
 
 
 def _plot(results: dict[str, Any]) -> Any:

@@ -151,3 +151,18 @@ def test_total_variation_and_noise_floor() -> None:
     reference = {"1": 0.5, "2": 0.5}
     # More exact draws, less sampling noise.
     assert noise_floor(reference, 400) < noise_floor(reference, 16) < 0.25
+
+
+def test_batched_eval_quick(tmp_path: Path) -> None:
+    from benchmarks import batched_eval
+
+    payload = batched_eval.main(["--quick", "--out", str(tmp_path), "--methods", "low-temp,mh", "--steps", "2"])
+    assert payload["config"]["batches"] == list(batched_eval.QUICK_BATCHES)
+    for result in payload["methods"].values():
+        # Batching changes the speed, never the records.
+        assert result["records_identical_across_batches"]
+        rows = result["rows"]
+        assert [r["batch"] for r in rows] == list(batched_eval.QUICK_BATCHES)
+        assert all(r["units"] == payload["config"]["units"] and r["units_per_cpu_second"] > 0 for r in rows)
+        assert len({r["decode_tokens"] for r in rows}) == 1  # the same work, whatever the batch
+    assert (tmp_path / "batched_eval.png").stat().st_size > 0
