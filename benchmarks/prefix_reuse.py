@@ -30,6 +30,12 @@ not do identical work: throughput (sampled tokens per second, summed over chains
 the lock-step efficiency (sampled tokens / (C x decode forward calls)) shows what batching wastes on rows that
 finished early.
 
+**Part 3: the pool over a long MH run.** ``CHAINS`` chains, ``--long-steps`` MH steps whose cuts all fall in the
+first quarter of the completion (the case that leaves the most stale slots), with the default backend and with
+compaction off (``compact_below = 0``): pool slots per step (all and live), pool bytes, and the peak resident
+memory (``VmHWM``, reset by writing ``5`` to ``/proc/self/clear_refs`` before each variant; also reset and read
+around parts 1 and 2, reported under ``memory``).
+
 Threads: ``--threads`` (default 1) is set with ``torch.set_num_threads`` and recorded with the environment. On a
 2-core machine shared with other work, two intra-op threads made single measurements up to ten times slower
 at random (threads waiting for a descheduled partner), which no median of three repairs; one thread gives
@@ -343,6 +349,92 @@ def batching(
     return out
 
 
+# ---------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident memory (``VmHWM``) to the current one (Linux: ``5`` to ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` in bytes (peak resident memory since the last reset), or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def pool_bytes(state: Sequences) -> int:
+    """Bytes of the keys/values a state's pool holds (its slots, valid or not)."""
+    pool = state.cache
+    if pool is None or not getattr(pool, "keys", None):
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*pool.keys, *pool.values))
+
+
+def long_run(lm: HFModel, prompt: Sequence[int], chains: int, steps: int, seed: int) -> dict[str, Any]:
+    """Part 3: pool slots and peak memory over ``steps`` MH steps whose cuts all fall in the first quarter of the
+    completion (the case that leaves the most stale slots), with the default pool and with compaction off
+    (``compact_below = 0``: stale slots are kept until a row is copied)."""
+    out: dict[str, Any] = {"chains": chains, "steps": steps, "max_new_tokens": MH_MAX_NEW_TOKENS, "variants": {}}
+    for variant, compact_below in (("default", lm.compact_below), ("no_compaction", 0.0)):
+        model = HFModel(lm.model, lm.tokenizer, name=lm.name, compact_below=compact_below)
+        target = PowerDistribution(model, list(prompt), alpha=ALPHA, max_new_tokens=MH_MAX_NEW_TOKENS)
+        kernel = MetropolisHastings(target, selector=EarlySite())
+        generator = torch.Generator().manual_seed(seed)
+        state, _ = target.sample_proposal(chains, generator)
+        state, _ = kernel.prepare(state)
+        reset = reset_peak_rss()
+        base = peak_rss_bytes()
+        slots, live, nbytes, accepted = [], [], [], 0
+        with Timer() as t:
+            for _ in range(steps):
+                state, info = kernel.step(state, generator)
+                accepted += int(info.accepted.sum())
+                slots.append(state.cache.num_slots)
+                live.append(int(state.cache.valid().sum(1).max()))
+                nbytes.append(pool_bytes(state))
+        peak = peak_rss_bytes()
+        out["variants"][variant] = {
+            "compact_below": compact_below,
+            "seconds": t.seconds,
+            "accepted": accepted,
+            "pool_slots": slots,
+            "live_slots": live,
+            "pool_bytes": nbytes,
+            "max_pool_slots": max(slots),
+            "max_live_slots": max(live),
+            "peak_rss_bytes": peak if reset else None,
+            "peak_rss_growth_bytes": peak - base if reset and peak is not None and base is not None else None,
+        }
+        print(
+            f"  {variant}: {steps} steps, pool slots max {max(slots)} (live max {max(live)}), last {slots[-1]}; "
+            f"{t.seconds:.2f}s",
+            flush=True,
+        )
+    return out
+
+
+class EarlySite:
+    """Cut uniformly over the first quarter of each row's completion (at least position 0)."""
+
+    name = "early"
+
+    def log_probs(self, seqs: Sequences) -> torch.Tensor:
+        quarter = (seqs.length // 4).clamp(min=1).unsqueeze(1)
+        allowed = seqs.positions() < torch.minimum(quarter, seqs.length.unsqueeze(1))
+        n = allowed.sum(1, keepdim=True).clamp(min=1).double()
+        return torch.where(allowed, -n.log(), torch.full_like(n, -torch.inf))
+
+
 # ---------------------------------------------------------------- plot
 def plot(results: dict[str, Any]) -> Any:
     """One row per model: time vs resampled tokens (with fits), speed-up vs cut, throughput vs chains."""
@@ -396,8 +488,9 @@ def run(
     seed: int,
     threads: int | None,
     quick: bool,
+    long_steps: int = 40,
 ) -> dict[str, Any]:
-    """Both parts for every model; returns the payload written to JSON."""
+    """All three parts for every model; returns the payload written to JSON."""
     before = torch.get_num_threads()
     used = set_threads(threads)
     try:
@@ -419,6 +512,7 @@ def run(
                 "chain_counts": list(chain_counts),
                 "mh_steps": steps,
                 "mh_max_new_tokens": MH_MAX_NEW_TOKENS,
+                "long_run_steps": long_steps,
                 "seed": seed,
             },
             "models": {},
@@ -430,9 +524,16 @@ def run(
                 prompt = prompt_ids(reuse, name)
                 state, build_seconds = build_completion(reuse, prompt, COMPLETION_TOKENS, seed)
                 print(f"[{name}] prompt {len(prompt)} tokens; part 1 (prefix reuse)", flush=True)
+                memory: dict[str, Any] = {"reset_supported": reset_peak_rss()}
                 part1 = prefix_reuse_sweep(reuse, recompute, state, cuts, repeats, seed)
+                memory["part1_peak_rss_bytes"] = peak_rss_bytes()
                 print(f"[{name}] part 2 (batched chains)", flush=True)
+                reset_peak_rss()
                 part2 = batching(reuse, prompt, CHAINS, chain_counts, steps, MH_MAX_NEW_TOKENS, seed)
+                memory["part2_peak_rss_bytes"] = peak_rss_bytes()
+                print(f"[{name}] part 3 (pool over a long MH run with early cuts)", flush=True)
+                # SmolLM2's MH steps take seconds each on a CPU: a quarter of the steps keeps the run near 15 min.
+                part3 = long_run(reuse, prompt, CHAINS, long_steps if name == "tiny-gpt2" else long_steps // 4, seed)
                 results["models"][name] = {
                     "load_seconds": load_seconds,
                     "prompt_text": PROMPTS.get(name, PROMPTS["smollm2-135m"]),
@@ -440,6 +541,8 @@ def run(
                     "completion_preview": reuse.decode(state.row_tokens(0))[:400],
                     "prefix_reuse": part1,
                     "batching": part2,
+                    "long_run": part3,
+                    "memory": memory,
                 }
         results["total_seconds"] = total.seconds
         return results
@@ -465,6 +568,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="repeats per cut, median reported (default 3, one fewer for suffixes over half the completion; quick: 1)",
     )
     parser.add_argument("--steps", type=int, default=None, help="MH steps per chain in part 2 (default 2; quick: 1)")
+    parser.add_argument(
+        "--long-steps",
+        type=int,
+        default=None,
+        help="MH steps of part 3 (tiny-gpt2; a quarter for others; default 40, quick 10)",
+    )
     parser.add_argument("--cuts", default=None, help="comma-separated cut positions (default 0,64,...,240)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -479,7 +588,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"cut positions must lie in [0, {COMPLETION_TOKENS})")
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (1 if args.quick else 2)
-    results = run([m.strip() for m in models], cuts, repeats, steps, CHAIN_COUNTS, args.seed, args.threads, args.quick)
+    long_steps = args.long_steps or (10 if args.quick else 40)
+    results = run(
+        [m.strip() for m in models], cuts, repeats, steps, CHAIN_COUNTS, args.seed, args.threads, args.quick, long_steps
+    )
     figure = plot(results)
     json_path, png_path = write_results(NAME, results, args.out, figure=figure)
     import matplotlib.pyplot as plt
