@@ -184,3 +184,95 @@ def test_hf_prompt_errors(tmp_path, capsys):
     assert main([*base, "--prompt", "Once upon a time"]) == 0
     assert "Once upon" not in capsys.readouterr().err
     assert load_netcdf(out).posterior["tokens"].shape == (2, 1, 8)
+
+
+# ------------------------------------------------------------------------ Ctrl-C keeps the draws so far
+
+
+def _interrupt_after(monkeypatch, draws):
+    """Every MCMC gets a hook that raises KeyboardInterrupt (what Python's SIGINT handler raises) once ``draws``
+    draws are recorded; ``None`` interrupts the first warmup step."""
+    from egps_ppl.infer import MCMC
+
+    real_init = MCMC.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+
+        def hook(phase, step, state, info):
+            if draws is None or (phase == "sample" and step - self.warmup_steps == draws * self.thin):
+                raise KeyboardInterrupt
+
+        self.hooks.append(hook)
+
+    monkeypatch.setattr(MCMC, "__init__", init)
+
+
+def test_ctrl_c_saves_the_draws_so_far(markov_file, tmp_path, capsys, monkeypatch):
+    full, part = tmp_path / "full.nc", tmp_path / "part.nc"
+    args = _override(_sample_args(markov_file, full), ["--num-samples", "6"])
+    assert main(args) == 0
+    _interrupt_after(monkeypatch, 2)
+    assert main(_override(args, ["--out", str(part)])) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after 2 of 6 draws per chain; saved them to {part}" in err and err.count("\n") == 1, err
+    data = load_netcdf(part)
+    assert data.posterior["tokens"].shape == (6, 2, 5)
+    assert int(data.posterior.attrs["partial"]) == 1 and int(data.posterior.attrs["draws_completed"]) == 2
+    assert "partial" not in load_netcdf(full).posterior.attrs
+    # The draws kept are the uninterrupted run's first two (same seed).
+    np.testing.assert_array_equal(data.posterior["tokens"].values, load_netcdf(full).posterior["tokens"].values[:, :2])
+    # Interrupted before any draw: nothing is written, still 130 and one line.
+    _interrupt_after(monkeypatch, None)
+    assert main(_override(args, ["--out", str(tmp_path / "none.nc")])) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first draw" in err and err.count("\n") == 1
+    assert not (tmp_path / "none.nc").exists()
+
+
+def test_an_interrupted_mcmc_keeps_its_complete_draws(markov_file):
+    from egps_ppl.infer import MCMC
+    from egps_ppl.kernels import MetropolisHastings
+    from egps_ppl.models.registry import load_model
+    from egps_ppl.target import PowerDistribution
+
+    target = PowerDistribution(load_model(f"markov:{markov_file}"), [], 4.0, 5)
+
+    def stop(phase, step, state, info):
+        if phase == "sample" and step == 3 + 4:
+            raise KeyboardInterrupt
+
+    mcmc = MCMC(MetropolisHastings(target), num_samples=10, warmup_steps=3, num_chains=5, seed=1, hooks=[stop])
+    with pytest.raises(KeyboardInterrupt):
+        mcmc.run()
+    assert mcmc.interrupted and mcmc.draws_completed == 4
+    assert mcmc.get_samples()["tokens"].shape == (5, 4, 5)
+    assert mcmc.attrs()["partial"] == 1 and mcmc.attrs()["draws_completed"] == 4
+    assert mcmc.to_arviz() is not None
+    mcmc.hooks.clear()
+    assert not mcmc.run().interrupted and mcmc.draws_completed == 10 and "partial" not in mcmc.attrs()
+
+
+def test_a_real_sigint_saves_the_draws_so_far(markov_file, tmp_path):
+    """SIGINT to a running ``egps sample`` (Ctrl-C in a terminal): exit status 130 and a partial file."""
+    import os
+    import signal
+
+    out = tmp_path / "sigint.nc"
+    args = _override(_sample_args(markov_file, out), ["--num-samples", "100000"])
+    args = [a for a in args if a != "--no-progress"]  # the progress bar says when sampling has started
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "egps_ppl.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
+    seen, deadline = "", time.monotonic() + 120
+    while seen.count("it/s") < 2 and time.monotonic() < deadline:
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+    assert seen.count("it/s") >= 2, seen
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "egps: interrupted after" in err and "Traceback" not in err
+    attrs = load_netcdf(out).posterior.attrs
+    assert int(attrs["partial"]) == 1 and 0 < int(attrs["draws_completed"]) < 100000

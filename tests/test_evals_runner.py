@@ -389,3 +389,151 @@ def test_mostly_empty_completions_are_reported(tmp_path, capsys, registered):
     assert main([*args, "--model", "chain", "--out", str(tmp_path / "chain")]) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "chain" / "summary.json").read_text())["warnings"] == []
+
+
+# ------------------------------------------------------------------------ one writer, atomic files, resume keys
+
+
+def test_a_second_eval_on_a_busy_directory_refuses_or_waits(tmp_path, problems_file, capsys):
+    """A run in progress holds the directory: another ``egps eval`` on it (say ``--resume``) is refused at once,
+    before its model loads; with ``--wait`` it queues behind it and computes only what is left."""
+    import threading
+
+    out = tmp_path / "run"
+    args = ["eval", "--task", f"jsonl:{problems_file}", "--model", "tiny-gpt2", "--method", "plain", "--batch", "1"]
+    args += ["--max-new-tokens", "8", "--seeds", "0,1,2", "--out", str(out), "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "egps_ppl.cli", *args], env=env)
+    results = out / "results.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (results.exists() and results.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, still holding the lock
+        assert first.poll() is None, "the first run finished too soon"
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another egps eval (pid {first.pid}" in err and err.count("\n") == 1, err
+        threading.Timer(1.0, first.send_signal, [signal.SIGCONT]).start()
+        assert main([*args, "--resume", "--wait"]) == 0
+        assert "waiting for it" in capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    keys = _keys(read_results(results))
+    assert len(keys) == len(set(keys)) == 12  # every unit once
+    assert json.loads((out / "summary.json").read_text())["computed_this_run"] == 0
+
+
+def test_the_lock_is_released_when_a_run_fails_and_nests_in_its_holder(tmp_path, lm):
+    from egps_ppl.evals.store import lock_run_dir
+
+    class Failing(CountingMethod):
+        def run(self, *args):
+            if self.calls == 3:
+                raise EGPSError("boom")
+            return super().run(*args)
+
+    with pytest.raises(EGPSError, match="boom"):
+        evaluate(FirstTokenTask(), Failing(load_method("plain")), lm, [0, 1], None, tmp_path, progress=False)
+    summary = _run(tmp_path, lm, resume=True)  # the failed run let go of the directory
+    assert summary["complete"] and summary["computed_this_run"] == 5
+    with lock_run_dir(tmp_path) as held:  # a caller holding the lock: the run's own hold nests in it
+        assert not held.nested and lock_run_dir(tmp_path).nested
+        _run(tmp_path, lm, resume=True)
+    lock_run_dir(tmp_path).release()  # and it was released
+
+
+def test_json_files_are_replaced_atomically_with_unique_temporary_names(tmp_path):
+    """Writers racing on summary.json never collide on a temporary name, and a reader never sees half a file."""
+    import threading
+
+    from egps_ppl.evals.store import _write_json
+
+    path = tmp_path / "summary.json"
+    _write_json(path, {"writer": -1, "payload": "x" * 100_000})
+    errors, stop = [], threading.Event()
+
+    def write(writer):
+        try:
+            for i in range(30):
+                _write_json(path, {"writer": writer, "i": i, "payload": "x" * 100_000})
+        except Exception as exc:
+            errors.append(exc)
+
+    def read():
+        while not stop.is_set():
+            try:
+                json.loads(path.read_text())
+            except Exception as exc:
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    reader.join()
+    assert not errors, errors[:3]
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_config_records_the_resume_keys_and_old_runs_still_resume(tmp_path, lm):
+    from egps_ppl.evals.store import RESUME_KEYS, problems_sha256
+
+    _run(tmp_path, lm, limit=2, config={"dtype": "float32"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(RESUME_KEYS) <= set(config) and config["chat"] is None
+    assert config["problems_sha256"] == problems_sha256(FirstTokenTask().problems())
+    assert config["problem_ids"] == ["p0", "p1"]
+    with pytest.raises(EGPSError, match="dtype: was 'float32', now 'bfloat16'"):
+        _run(tmp_path, lm, limit=2, resume=True, config={"dtype": "bfloat16"})
+    for key in ("dtype", "chat", "problems_sha256"):  # a run directory from before these keys were recorded
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _run(tmp_path, lm, resume=True, config={"dtype": "bfloat16"})["complete"]
+
+
+def test_report_recomputes_a_stale_summary(tmp_path, lm, capsys):
+    """An interrupted --resume appends results but never rewrites summary.json: the report counts them anyway."""
+
+    class Interrupted(CountingMethod):
+        def run(self, *args):
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().run(*args)
+
+    _run(tmp_path, lm, seeds=(0,))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(FirstTokenTask(), Interrupted(load_method("plain")), lm, [0, 1], None, tmp_path, True, False)
+    assert json.loads((tmp_path / "summary.json").read_text())["n_results"] == 4  # stale
+    assert main(["report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "summary.json is stale" in captured.err and "(6 results)" in captured.err
+    assert "(6/8 done)" in captured.out
+
+
+def test_a_full_disk_while_appending_keeps_what_was_written(tmp_path, lm, monkeypatch):
+    import errno
+
+    import egps_ppl.evals.store as store
+
+    real, calls = store._append, []
+
+    def append(fh, record):
+        calls.append(record)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fh, record)
+
+    monkeypatch.setattr(store, "_append", append)
+    with pytest.raises(EGPSError, match=r"cannot append to .*results\.jsonl: No space left on device; the finished"):
+        _run(tmp_path, lm)
+    monkeypatch.setattr(store, "_append", real)
+    assert len(read_results(tmp_path / "results.jsonl")) == 2
+    assert _run(tmp_path, lm, resume=True)["computed_this_run"] == 6

@@ -9,6 +9,7 @@ the library (and torch) only when it runs, so ``egps --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS = (sample, models, eval_command, report, analyze)
 """The subcommand modules, in the order ``egps --help`` lists them."""
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+"""``OSError`` numbers that mean "the file system refused" (full, read-only, no permission): reported in one
+line like bad input, not as a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except EGPSError as exc:
         print(f"egps: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"egps: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("egps: interrupted", file=sys.stderr)

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from egps_ppl.cli.common import add_device_options, add_model_option, prompt_ids, set_threads
@@ -84,7 +83,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Check the settings, build the units, profile each one, write the analysis and print its summary."""
     from egps_ppl.analysis import write_analysis
-    from egps_ppl.errors import check_alpha
+    from egps_ppl.errors import check_alpha, check_writable
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.infer.samplers import load_sampler
     from egps_ppl.models.markov import MarkovLM
@@ -93,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     # Cheap checks first: bad settings fail before the model loads.
     alpha = check_alpha(args.alpha)
     _check_settings(args)
-    task = load_task(args.task, chat=args.chat) if args.task else None
+    check_writable(args.out, "--out", directory=True)
+    try:
+        task = load_task(args.task, chat=args.chat) if args.task else None
+    except UnicodeDecodeError as exc:
+        raise EGPSError(f"--task {args.task}: the file is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     sampler = load_sampler(args.sampler)
     given = _read_completion_lines(args.completions) if args.completions else None
     set_threads(args.threads)
@@ -223,14 +226,17 @@ def _print_summary(summary: dict[str, Any], count: int, args: argparse.Namespace
 
 def _read_completion_lines(path: str) -> list[tuple[str | None, list[int]]]:
     """``--completions`` lines: a JSON list of token ids, or an object with ``completion_ids`` (and optionally
-    ``problem_id``), e.g. the ``results.jsonl`` of ``egps eval``, or a line of an earlier ``profiles.jsonl``."""
-    try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise EGPSError(f"cannot read --completions file {path}: {exc.strerror}") from None
+    ``problem_id``), e.g. the ``results.jsonl`` of ``egps eval``, or a line of an earlier ``profiles.jsonl``.
+
+    Two lines of the same problem and seed (a results file with a unit written twice) are refused: each would be
+    counted as its own completion."""
+    from egps_ppl.errors import read_text
+
+    lines = [line for line in read_text(path, "--completions file").splitlines() if line.strip()]
     if not lines:
         raise EGPSError(f"--completions file {path} is empty")
     out: list[tuple[str | None, list[int]]] = []
+    seen: dict[tuple[str, object], int] = {}
     for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
@@ -241,6 +247,14 @@ def _read_completion_lines(path: str) -> list[tuple[str | None, list[int]]]:
             meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
             pid = row.get("problem_id", meta.get("problem_id"))
             pid = None if pid is None else str(pid)
+            if pid is not None:
+                key = (pid, json.dumps(row.get("seed", meta.get("seed"))))
+                if key in seen:
+                    raise EGPSError(
+                        f"--completions file {path}: line {number} repeats problem {pid!r} seed {key[1]} of line "
+                        f"{seen[key]}; each (problem, seed) may appear once (remove the duplicate line)"
+                    )
+                seen[key] = number
             row = row.get("completion_ids", row.get("tokens"))
         if not isinstance(row, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
             raise EGPSError(

@@ -127,7 +127,7 @@ def _say_waiting(out: Any) -> Any:
 
 def _check_memory(method: Any, args: argparse.Namespace) -> None:
     """Refuse chains (particles, samples) that cannot fit in memory, before the model loads."""
-    from egps_ppl.errors import check_memory, chain_memory
+    from egps_ppl.errors import chain_memory, check_memory
 
     config = method.config()
     rows = max(int(config.get(k) or 1) for k in ("num_chains", "particles", "n"))
@@ -138,7 +138,7 @@ def _check_memory(method: Any, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the settings, load the task and method (before the model), evaluate and print the accuracy."""
     from egps_ppl.evals.methods import load_method
-    from egps_ppl.evals.store import check_out_dir, lock_run_dir
+    from egps_ppl.evals.store import check_out_dir, check_resume, lock_run_dir
     from egps_ppl.evals.tasks import load_task
 
     seeds = parse_seeds(args.seeds, args.seed_offset)
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     _check_memory(method, args)
     out = check_out_dir(args.out, args.resume)
     run_config = {"argv": sys.argv[1:], "device": args.device, "dtype": args.dtype}
+    if args.resume:
+        check_resume(out, task, method, max_new_tokens=args.max_new_tokens, config=run_config)
     common = {
         "resume": args.resume,
         "progress": args.progress,

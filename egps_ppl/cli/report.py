@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["add_parser", "run"]
@@ -19,10 +20,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Render the runs with :func:`~egps_ppl.evals.report.write_report`; print the table without ``--out``."""
-    from egps_ppl.evals.report import write_report
+    """Render the runs with :func:`~egps_ppl.evals.report.write_report`; print the table without ``--out``.
 
-    table, plot = write_report(args.runs, args.out, args.plot)
+    The numbers are recomputed from each run's ``results.jsonl``; a ``summary.json`` that disagreed (left by an
+    interrupted ``--resume``) is named on stderr.
+    """
+    from egps_ppl.evals.report import load_run_summary, write_report
+
+    summaries = [load_run_summary(d) for d in args.runs]
+    for s in summaries:
+        if s.get("stale_summary"):
+            print(
+                f"egps: note: {s['run_dir']}/summary.json is stale (an interrupted run?); the table uses "
+                f"results.jsonl ({s['n_results']} results)",
+                file=sys.stderr,
+            )
+    table, plot = write_report(args.runs, args.out, args.plot, summaries=summaries)
     if args.out is None:
         print(table, end="")
     else:

@@ -1,9 +1,16 @@
-"""``egps sample``: MCMC chains on π(x) ∝ p(x | prompt)^α, every draw written to an ArviZ NetCDF file."""
+"""``egps sample``: MCMC chains on π(x) ∝ p(x | prompt)^α, every draw written to an ArviZ NetCDF file.
+
+Everything that needs no model is checked before it loads: ``--out`` (a writable ``.nc`` file, not a folder, with
+room on its disk), α, the counts, the kernel spec, the ``--init`` file and whether the chains fit in memory. On
+Ctrl-C the draws recorded so far are written, marked ``partial=1`` and ``draws_completed=N`` in the file's attrs,
+and the command exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,25 +72,41 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from egps_ppl.diagnostics import format_summary, save_netcdf, summarize
+    from egps_ppl.errors import chain_memory, check_alpha, check_memory, check_positive_int, check_writable
     from egps_ppl.infer import MCMC, make_schedule
     from egps_ppl.kernels.presets import build_kernel
     from egps_ppl.models.policy import PowerPolicy
     from egps_ppl.models.registry import load_model
     from egps_ppl.target import PowerDistribution
 
+    # Cheap checks first: nothing that can be known without the model is found after it loads.
     out = Path(args.out)
     if out.suffix != ".nc":
         raise EGPSError(f"--out must end in .nc (an ArviZ NetCDF file), got {args.out!r}")
-    torch.manual_seed(args.seed)
-    set_threads(args.threads)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    target = PowerDistribution(lm, prompt_ids(lm, args), args.alpha, args.max_new_tokens)
-    policy = PowerPolicy(args.alpha, top_k=args.top_k, top_p=args.top_p)
-    kernel = build_kernel(args.kernel, target, policy)
+    check_writable(out, "--out")
+    alpha = check_alpha(args.alpha)
+    for name in ("max_new_tokens", "num_chains", "num_samples", "thin"):
+        check_positive_int(name, getattr(args, name))
+    if args.warmup < 0:
+        raise EGPSError(f"warmup_steps must be an integer >= 0, got {args.warmup}")
+    policy = PowerPolicy(alpha, top_k=args.top_k, top_p=args.top_p)
+    _check_kernel_spec(args.kernel, policy)
     initial = _read_init(args.init, args.num_chains) if args.init else None
     if initial is not None and args.block_size is not None:
         raise EGPSError("--init and --block-size exclude each other: a schedule grows its own start")
     schedule = make_schedule(args.block_size, args.steps_per_block, args.adaptive)
+    what = f"--num-chains {args.num_chains} x --num-samples {args.num_samples} x --max-new-tokens {args.max_new_tokens}"
+    needed, explanation = chain_memory(args.num_chains, args.max_new_tokens, args.num_samples)
+    check_memory(needed, what, explanation, args.device)
+    _check_disk(out, args.num_chains, args.num_samples, args.max_new_tokens)
+
+    torch.manual_seed(args.seed)
+    set_threads(args.threads)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    needed, explanation = chain_memory(args.num_chains, args.max_new_tokens, args.num_samples, lm.vocab_size)
+    check_memory(needed, what, explanation, args.device)
+    target = PowerDistribution(lm, prompt_ids(lm, args), alpha, args.max_new_tokens)
+    kernel = build_kernel(args.kernel, target, policy)
     mcmc = MCMC(
         kernel,
         num_samples=args.num_samples,
@@ -94,18 +117,62 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         schedule=schedule,
     )
-    mcmc.run(initial)
+    try:
+        mcmc.run(initial)
+    except KeyboardInterrupt:
+        return _save_interrupted(mcmc, out)
+    _check_disk(out, args.num_chains, mcmc.draws_completed, args.max_new_tokens)
     data = mcmc.to_arviz()
     save_netcdf(data, out)
     _print_result(lm, mcmc, format_summary(summarize(data)), out, args.show)
     return 0
 
 
+def _check_kernel_spec(spec: str, policy: Any) -> None:
+    """Build the kernel once on a throwaway two-token model, so a bad spec fails before the model loads."""
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.markov import MarkovLM
+    from egps_ppl.target import PowerDistribution
+
+    lm = MarkovLM([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], eos_token_id=0)
+    build_kernel(spec, PowerDistribution(lm, [], policy.alpha, 2), policy)
+
+
+NETCDF_OVERHEAD = 256 * 1024
+"""Bytes of a NetCDF file besides its arrays (HDF5 headers and attributes of the ~15 variables), rounded up."""
+
+
+def _check_disk(out: Path, num_chains: int, draws: int, max_new_tokens: int) -> None:
+    """The ArviZ file's size (token ids, log-probabilities and entropies per position; ten statistics per draw)
+    against the free space where it goes: HDF5 can crash outright on a full disk."""
+    from egps_ppl.errors import check_disk_space
+
+    needed = num_chains * draws * (max_new_tokens * 24 + 10 * 8) + NETCDF_OVERHEAD
+    check_disk_space(out, needed, "--out", f"{num_chains} chains x {draws} draws x {max_new_tokens} tokens")
+
+
+def _save_interrupted(mcmc: MCMC, out: Path) -> int:
+    """After Ctrl-C: write the draws so far (marked partial in the file's attrs) and say so; exit status 130."""
+    from egps_ppl.diagnostics import save_netcdf
+
+    done = mcmc.draws_completed
+    if done == 0:
+        print(f"egps: interrupted before the first draw was recorded; nothing written to {out}", file=sys.stderr)
+        return 130
+    _check_disk(out, mcmc.num_chains, done, mcmc.kernel.target.max_new_tokens)
+    save_netcdf(mcmc.to_arviz(), out)
+    print(
+        f"egps: interrupted after {done} of {mcmc.num_samples} draws per chain; saved them to {out} "
+        f"(attrs partial=1, draws_completed={done})",
+        file=sys.stderr,
+    )
+    return 130
+
+
 def _read_init(path: str, num_chains: int) -> list[list[int]]:
-    try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise EGPSError(f"cannot read --init file {path}: {exc.strerror}") from None
+    from egps_ppl.errors import read_text
+
+    lines = [line for line in read_text(path, "--init file").splitlines() if line.strip()]
     if len(lines) < num_chains:
         raise EGPSError(f"--init file {path} has {len(lines)} lines for {num_chains} chains")
     completions = []

@@ -29,6 +29,8 @@ Guarantees
   input, not a lost worker, so it stops the run (as it would locally); what finished is kept for ``--resume``.
 * **Resume** works as locally: finished units are skipped, a truncated last line is removed, and the settings must
   match ``config.json``.
+* **One writer.** The driver locks the run directory (:func:`~egps_ppl.evals.store.lock_run_dir`) for the whole
+  run; a second ``egps eval`` on it, with or without ``--ray``, is refused (or waits, with ``--wait``).
 
 Ray is optional: importing this module does not import it; :func:`evaluate_ray` imports it and says
 ``pip install ray`` when it is missing.
@@ -54,6 +56,7 @@ from egps_ppl.evals.store import (
     check_out_dir,
     check_seeds,
     finish_run,
+    lock_run_dir,
     plan_run,
     read_results,
 )
@@ -254,26 +257,29 @@ def evaluate_ray(
                 ) from None
         started_here = True
     try:
-        return _drive(
-            ray,
-            task,
-            method,
-            model,
-            seeds,
-            limit,
-            out_dir,
-            resume,
-            progress,
-            max_new_tokens=max_new_tokens,
-            config=config,
-            num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            device=device,
-            dtype=dtype,
-            threads=threads,
-            max_retries=max_retries,
-        )
+        # The driver is the one writer of out_dir from before the actors start to the summary (nested in the
+        # hold of `egps eval`, which takes it before anything else).
+        with lock_run_dir(out_dir):
+            return _drive(
+                ray,
+                task,
+                method,
+                model,
+                seeds,
+                limit,
+                out_dir,
+                resume,
+                progress,
+                max_new_tokens=max_new_tokens,
+                config=config,
+                num_workers=num_workers,
+                cpus_per_worker=cpus_per_worker,
+                gpus_per_worker=gpus_per_worker,
+                device=device,
+                dtype=dtype,
+                threads=threads,
+                max_retries=max_retries,
+            )
     finally:
         if started_here:
             ray.shutdown()

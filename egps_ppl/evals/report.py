@@ -34,38 +34,85 @@ COLUMNS = (
 )
 
 
+SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
+    "accuracy": (int, float, type(None)),
+    "accuracy_se": (int, float, type(None)),
+    "n_problems": (int,),
+    "seeds": (list,),
+    "pass_at_k": (dict,),
+    "mean_decode_tokens": (int, float, type(None)),
+    "mean_scored_tokens": (int, float, type(None)),
+    "mean_wall_s": (int, float, type(None)),
+    "method_config": (dict,),
+}
+"""The types a ``summary.json`` read on its own (a run directory without ``results.jsonl``) must have."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or an :class:`EGPSError` naming the file and what is wrong."""
+    from egps_ppl.errors import read_text
+
+    try:
+        value = json.loads(read_text(path, "run file"))
+    except json.JSONDecodeError as exc:
+        raise EGPSError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}); remove it (egps eval --resume "
+            f"writes it again)"
+        ) from None
+    if not isinstance(value, dict):
+        raise EGPSError(f"{path} must hold a JSON object, got {type(value).__name__}; remove it")
+    return value
+
+
 def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The summary of one run directory: ``summary.json``, else computed from ``results.jsonl`` (an unfinished
-    run) and ``config.json``.
+    """The summary of one run directory, recomputed from ``results.jsonl`` whenever there is one.
+
+    ``summary.json`` is written only when a run finishes, so after an interrupted ``--resume`` it describes the
+    results of an earlier invocation; the accuracy, the counts and the costs therefore always come from
+    ``results.jsonl`` (restricted to the problems and seeds ``config.json`` selected), and ``summary.json`` adds
+    only what cannot be recomputed (the run's wall time, Ray counters). ``stale_summary`` is true when it
+    disagreed. Without ``results.jsonl``, a type-checked ``summary.json`` is used as it is.
 
     Raises
     ------
     EGPSError
-        When the directory holds neither file.
+        When the directory holds neither file, or one of its files is malformed (not UTF-8, not JSON, wrong
+        types); the message names the file.
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise EGPSError(f"{run} is not a directory; pass the --out directories of egps eval runs")
-    summary_path = run / SUMMARY_FILE
-    if summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise EGPSError(f"{summary_path} is not valid JSON; rerun egps eval --resume to rewrite it") from None
-    elif (run / RESULTS_FILE).is_file():
-        records = read_results(run / RESULTS_FILE)
+    summary_path, results_path, config_path = run / SUMMARY_FILE, run / RESULTS_FILE, run / CONFIG_FILE
+    stored = _read_json(summary_path) if summary_path.is_file() else None
+    config = _read_json(config_path) if config_path.is_file() else {}
+    if results_path.is_file():
+        records = read_results(results_path)
         if not records:
-            raise EGPSError(f"{run / RESULTS_FILE} has no finished results yet")
-        summary = summarize_results(records)
-        config: dict[str, Any] = {}
-        if (run / CONFIG_FILE).is_file():
-            config = json.loads((run / CONFIG_FILE).read_text(encoding="utf-8"))
+            raise EGPSError(f"{results_path} has no finished results yet")
+        problems, seeds = config.get("problem_ids"), config.get("seeds")
+        if not isinstance(problems, list) and stored is not None and stored.get("complete") is True:
+            # A run written before config.json listed its problems: a complete summary names them all.
+            problems, seeds = list(stored.get("accuracy_per_problem") or {}), stored.get("seeds")
+        if not (isinstance(problems, list) and isinstance(seeds, list)):
+            problems, seeds = None, None  # nothing says which units were selected: every record counts
+        elif not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise EGPSError(f"{config_path}: 'seeds' must be a list of integers")
+        method_config = config.get("method", (stored or {}).get("method_config", {}))
+        if not isinstance(method_config, dict):
+            raise EGPSError(f"{config_path}: 'method' must be a JSON object, got {json.dumps(method_config)}")
+        summary = {**(stored or {}), **summarize_results(records, problems=problems, seeds=seeds)}
         summary.update(
             task=config.get("task", records[0].get("task")),
             method=records[0]["method"],
             model=config.get("model", records[0].get("model")),
-            method_config=config.get("method", {}),
+            method_config=method_config,
         )
+        summary["stale_summary"] = stored is not None and stored.get("n_results") != summary["n_results"]
+    elif stored is not None:
+        summary = stored
+        for name, types in SUMMARY_TYPES.items():
+            if name in summary and (not isinstance(summary[name], types) or isinstance(summary[name], bool)):
+                raise EGPSError(f"{summary_path}: {name!r} has the wrong type ({json.dumps(summary[name])})")
     else:
         raise EGPSError(f"{run} has no {SUMMARY_FILE} or {RESULTS_FILE}; is it the --out of an egps eval run?")
     summary["run_dir"] = str(run)
@@ -108,7 +155,10 @@ def render_table(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out: str | Path | None = None, plot: str | Path | None = None
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    plot: str | Path | None = None,
+    summaries: Sequence[dict[str, Any]] | None = None,
 ) -> tuple[str, Path | None]:
     """Render ``run_dirs`` side by side.
 
@@ -121,17 +171,24 @@ def write_report(
     plot : path or None
         PNG of accuracy vs decode tokens, one point per run; default ``out`` with the suffix ``.png`` when
         ``out`` is given, else no plot.
+    summaries : sequence of dict or None
+        The runs' :func:`load_run_summary`, when the caller has them already.
 
     Returns
     -------
     (str, Path or None)
         The Markdown table and the plot's path.
     """
+    from egps_ppl.errors import check_writable
+
     if not run_dirs:
         raise EGPSError("give at least one run directory")
-    summaries = [load_run_summary(d) for d in run_dirs]
-    table = render_table(summaries)
     plot_path = Path(plot) if plot is not None else (Path(out).with_suffix(".png") if out is not None else None)
+    for flag, path in (("--out", out), ("--plot", plot_path)):
+        if path is not None:
+            check_writable(path, flag)
+    summaries = [load_run_summary(d) for d in run_dirs] if summaries is None else list(summaries)
+    table = render_table(summaries)
     if plot_path is not None:
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         plot_accuracy_vs_compute(summaries, plot_path)

@@ -3,16 +3,23 @@
 Files in the run directory
 --------------------------
 ``config.json``
-    Task, model, method settings and ``max_new_tokens`` (checked on ``--resume``: a run cannot silently mix
-    methods), plus the seeds and limit of the latest invocation.
+    Task, model, method settings, ``max_new_tokens``, dtype, chat and a hash of the task's problems (the
+    :data:`RESUME_KEYS`, checked on ``--resume``: a run cannot silently mix methods or inputs), plus the seeds,
+    limit and selected problem ids of the latest invocation.
 ``results.jsonl``
     One JSON object per finished (problem, seed), appended and fsync'ed as soon as it finishes
-    (see :data:`RECORD_FIELDS`). A killed run leaves at most one truncated last line, which ``resume=True``
-    removes before appending.
+    (see :data:`RECORD_FIELDS`; every line is type-checked when read). A killed run leaves at most one truncated
+    last line, which ``resume=True`` removes before appending.
 ``summary.json``
     :func:`summarize_results` of the selected (problem, seed) units.
 ``accuracy_vs_compute.png``
     Accuracy (± standard error over seeds) against mean decode tokens per problem.
+``.egps.lock``
+    Locked (``fcntl.flock``) by the one process writing the directory (:func:`lock_run_dir`); the kernel
+    releases it when that process ends, however it ends.
+
+``config.json``, ``summary.json`` and the plot are replaced atomically (a unique temporary file in the same
+folder, fsync'ed, then :func:`os.replace`), so a reader sees the old file or the new one, never half of one.
 
 The steps of a run, shared by the local loop (:func:`egps_ppl.evals.runner.evaluate`) and the Ray runner
 (:func:`egps_ppl.evals.ray_runner.evaluate_ray`), which compute the units differently but store them with the same
@@ -22,10 +29,16 @@ model (this module does not import torch), so ``egps report`` and scripts that r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
+import tempfile
+import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,18 +56,24 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_FILE",
     "COST_FIELDS",
+    "LOCK_FILE",
     "PLOT_FILE",
     "RECORD_FIELDS",
+    "RECORD_TYPES",
     "RESULTS_FILE",
     "RESUME_KEYS",
     "SUMMARY_FILE",
     "ResultWriter",
+    "RunLock",
     "RunPlan",
     "check_out_dir",
+    "check_resume",
     "check_seeds",
     "finish_run",
+    "lock_run_dir",
     "plan_run",
     "plot_accuracy_vs_compute",
+    "problems_sha256",
     "read_results",
     "run_label",
     "summarize_results",
@@ -64,6 +83,7 @@ RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "accuracy_vs_compute.png"
+LOCK_FILE = ".egps.lock"
 RECORD_FIELDS = (
     "problem_id",
     "seed",
@@ -79,8 +99,23 @@ RECORD_FIELDS = (
 """Fields every line of ``results.jsonl`` has (more are written: see :func:`egps_ppl.evals.runner.evaluate_unit`)."""
 COST_FIELDS = ("decode_tokens", "scored_tokens", "forward_calls", "wall_s")
 """The cost fields of a record, averaged per unit in the summary (``mean_decode_tokens``, ...)."""
-RESUME_KEYS = ("task", "model", "method", "max_new_tokens")
-"""Settings in ``config.json`` that must match for ``--resume`` to continue a run."""
+RESUME_KEYS = ("task", "model", "method", "max_new_tokens", "dtype", "chat", "problems_sha256")
+"""Settings in ``config.json`` that must match for ``--resume`` to continue a run (a key missing on either
+side, as in a run directory written before it was recorded, is not compared). ``problems_sha256`` hashes every
+problem's id, prompt and answer, so an edited task file cannot mix with the results of the old one."""
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "problem_id": (str,),
+    "seed": (int,),
+    "method": (str,),
+    "completion": (str,),
+    "correct": (bool,),
+    "decode_tokens": (int, float),
+    "scored_tokens": (int, float),
+    "forward_calls": (int, float),
+    "wall_s": (int, float),
+}
+"""The JSON types a record's fields must have (``answer`` may be anything); ``true``/``false`` only for
+``correct``: the string ``"false"`` would count as correct."""
 
 
 # ------------------------------------------------------------------------------------------------ the file
@@ -95,7 +130,8 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]
     Raises
     ------
     EGPSError
-        For an invalid line before the last one or a record missing :data:`RECORD_FIELDS`.
+        For an invalid line before the last one, or a record missing :data:`RECORD_FIELDS` or with a field of the
+        wrong type (:data:`RECORD_TYPES`); the message names the file and the line.
     """
     path = Path(path)
     if not path.exists():
@@ -123,6 +159,7 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]
             missing = [f for f in RECORD_FIELDS if not isinstance(record, dict) or f not in record]
             if missing:
                 raise EGPSError(f"{path}:{number}: a result line without {', '.join(missing)}")
+            _check_record(record, path, number)
             records.append(record)
         good_end = end
         position = end
@@ -134,16 +171,60 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]
     return records
 
 
+def _check_record(record: dict[str, Any], path: Path, number: int) -> None:
+    """Raise naming ``path:number`` when a field of ``record`` has the wrong JSON type (:data:`RECORD_TYPES`)."""
+    for name, types in RECORD_TYPES.items():
+        value = record[name]
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if ok and name in COST_FIELDS:
+            ok = math.isfinite(value) and value >= 0
+        if not ok:
+            kind = {"correct": "true or false", "seed": "an integer"}.get(name, "a string")
+            kind = "a number >= 0" if name in COST_FIELDS else kind
+            raise EGPSError(
+                f"{path}:{number}: {name!r} must be {kind}, got {json.dumps(value)}; the results file is damaged "
+                f"(fix or remove that line)"
+            )
+
+
 def _append(fh: Any, record: dict[str, Any]) -> None:
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
 
 
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Any:
+    """A unique temporary path next to ``path`` to write; on success it is fsync'ed and moved over ``path``
+    (:func:`os.replace`), on failure removed, so ``path`` is always the old file or the complete new one."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's file is 0600
+        yield tmp
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failing clean-up must not hide why the write failed
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, on disk (not every file system can sync a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    try:
+        with _atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise EGPSError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _check_resume_config(path: Path, config: dict[str, Any]) -> None:
@@ -151,12 +232,122 @@ def _check_resume_config(path: Path, config: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise EGPSError(f"{path} is damaged; remove it to resume, or start again with another --out") from None
-    differ = [k for k in RESUME_KEYS if k in old and old[k] != config[k]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise EGPSError(f"{path} is damaged; remove it to resume, or start again with another --out")
+    differ = [k for k in RESUME_KEYS if k in old and k in config and old[k] != config[k]]
     if differ:
-        detail = "; ".join(f"{k}: was {old[k]!r}, now {config[k]!r}" for k in differ)
+        detail = "; ".join(
+            f"{k}: the task's problems (ids, prompts or answers) changed"
+            if k == "problems_sha256"
+            else f"{k}: was {old[k]!r}, now {config[k]!r}"
+            for k in differ
+        )
         raise EGPSError(f"cannot resume {path.parent}: the run used different settings ({detail}); use another --out")
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+
+_HELD: weakref.WeakValueDictionary[tuple[str, int], RunLock] = weakref.WeakValueDictionary()
+"""Run directories locked by this process: (resolved path, thread id) -> the owning lock (a lock nobody refers
+to any more is released by the garbage collector)."""
+
+
+class RunLock:
+    """The exclusive ``fcntl.flock`` on a run directory's :data:`LOCK_FILE` (see :func:`lock_run_dir`).
+
+    :meth:`release` (or leaving the ``with`` block) unlocks it. A lock taken while the same thread already holds
+    the directory is *nested*: it does not lock again and its release does nothing; the outermost holder
+    releases. The operating system releases the lock when the process ends, even when it is killed.
+    """
+
+    def __init__(self, out: Path, key: tuple[str, int], fd: int | None) -> None:
+        self.out, self._key, self._fd = out, key, fd
+
+    @property
+    def nested(self) -> bool:
+        """Whether this is a nested hold (the directory was already locked by this thread)."""
+        return self._fd is None
+
+    def release(self) -> None:
+        """Unlock (once; a nested hold does nothing)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD.pop(self._key, None)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also at interpreter exit, when the os module may be gone
+            self.release()
+
+
+def lock_run_dir(out_dir: str | Path, wait: bool = False, on_wait: Any = None) -> RunLock:
+    """Create ``out_dir`` if needed and become its one writer: an exclusive ``flock`` on its :data:`LOCK_FILE`.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The run directory.
+    wait : bool
+        When another process holds the lock: wait for it (``True``) or raise at once (``False``).
+    on_wait : callable or None
+        Called with a description of the holder (its pid) before waiting.
+
+    Returns
+    -------
+    RunLock
+        Hold it for the whole run (a context manager); a nested hold when this thread holds it already.
+
+    Raises
+    ------
+    EGPSError
+        When the directory cannot be created or written, or another process holds the lock and ``wait`` is false.
+    """
+    out = Path(out_dir)
+    key = (os.path.realpath(out), threading.get_ident())
+    if key in _HELD:
+        return RunLock(out, key, None)
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError:
+        raise EGPSError(f"--out {out} is a file; pass a directory") from None
+    except OSError as exc:
+        raise EGPSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            if not wait:
+                raise EGPSError(
+                    f"{out} is being written by another egps eval ({holder}); wait for it to finish, pass --wait "
+                    f"to queue behind it, or use another --out"
+                ) from None
+            if on_wait is not None:
+                on_wait(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # who holds it, for the message of the next one (best effort)
+            os.ftruncate(fd, 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {since}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    lock = RunLock(out, key, fd)
+    _HELD[key] = lock
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -184,6 +375,9 @@ class RunPlan:
         ``(problem_id, seed)`` of every unit already in ``results.jsonl`` (selected or not).
     correct, counted : int
         Correct and total finished units among the selected ones (the progress bar's running accuracy).
+    lock : RunLock or None
+        This run's hold on the directory (:func:`lock_run_dir`), released by :func:`finish_run`, or by
+        :class:`ResultWriter` when the run fails.
     """
 
     out: Path
@@ -195,19 +389,67 @@ class RunPlan:
     finished: set[tuple[str, int]]
     correct: int = 0
     counted: int = 0
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        """Release this run's hold on the directory (nothing when it has none, or when it is nested)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
-def check_out_dir(out_dir: str | Path, resume: bool) -> Path:
-    """``out_dir`` as a Path after the checks that need no model: not a file, no results unless ``resume``.
+def problems_sha256(problems: Sequence[Problem]) -> str:
+    """A SHA-256 of the problems' ids, prompts and answers, in order (recorded in ``config.json``)."""
+    rows = [[p.id, p.prompt, p.answer] for p in problems]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _run_config(
+    task: Task, method: Method, model_name: str | None, max_new_tokens: int, config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The :data:`RESUME_KEYS` of a run (without ``model`` when ``model_name`` is None)."""
+    run_config = {
+        "task": task.name,
+        "model": model_name,
+        "method": method.config(),
+        "max_new_tokens": int(max_new_tokens),
+        "chat": getattr(task, "chat", None),
+        "problems_sha256": problems_sha256(task.problems(None)),
+        **{k: v for k, v in (config or {}).items() if k in RESUME_KEYS},
+    }
+    if model_name is None:
+        del run_config["model"]
+    return run_config
+
+
+def check_resume(
+    out_dir: str | Path, task: Task, method: Method, *, max_new_tokens: int, config: dict[str, Any] | None = None
+) -> None:
+    """Compare the settings known before the model loads (every :data:`RESUME_KEYS` but ``model``) with the
+    ``config.json`` of ``out_dir``, and read ``results.jsonl``, so ``--resume`` with another dtype, chat setting
+    or task file, or over a damaged results line, fails at once; :func:`plan_run` checks again, the model's name
+    included.
 
     Raises
     ------
     EGPSError
-        When ``out_dir`` is a file, or holds results and ``resume`` is false.
+        Naming the settings that differ, a damaged ``config.json``, or the file and line of a bad result.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise EGPSError(f"--out {out} is a file; pass a directory")
+    _check_resume_config(Path(out_dir) / CONFIG_FILE, _run_config(task, method, None, max_new_tokens, config))
+    read_results(Path(out_dir) / RESULTS_FILE)  # a damaged line fails now too
+
+
+def check_out_dir(out_dir: str | Path, resume: bool) -> Path:
+    """``out_dir`` as a Path after the checks that need no model: not a file, writable, no results unless
+    ``resume``.
+
+    Raises
+    ------
+    EGPSError
+        When ``out_dir`` is a file or cannot be written, or holds results and ``resume`` is false.
+    """
+    from egps_ppl.errors import check_writable
+
+    out = check_writable(out_dir, "--out", directory=True)
     results_path = out / RESULTS_FILE
     if not resume and results_path.exists() and results_path.stat().st_size > 0:
         raise EGPSError(f"{results_path} already has results; pass --resume to continue that run, or another --out")
@@ -230,26 +472,46 @@ def plan_run(
 
     With ``resume`` the settings are compared with the existing ``config.json`` and a truncated last line of
     ``results.jsonl`` is removed (see :func:`read_results`).
+
+    The directory is locked first (:func:`lock_run_dir`; nested when the caller holds it already, as ``egps
+    eval`` does from before the model loads), so a second run on it fails at once instead of computing every
+    unit twice; the plan keeps the lock until :func:`finish_run`.
     """
     seeds = check_seeds(seeds)
     out = check_out_dir(out_dir, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(out)
+    try:
+        # Under the lock: a run that finished while we waited has written results since the first check.
+        check_out_dir(out, resume)
+        plan = _plan_locked(task, method, model_name, seeds, limit, out, resume, max_new_tokens, config)
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _plan_locked(
+    task: Task,
+    method: Method,
+    model_name: str,
+    seeds: list[int],
+    limit: int | None,
+    out: Path,
+    resume: bool,
+    max_new_tokens: int,
+    config: dict[str, Any] | None,
+) -> RunPlan:
     results_path = out / RESULTS_FILE
-    run_config = {
-        "task": task.name,
-        "model": model_name,
-        "method": method.config(),
-        "max_new_tokens": int(max_new_tokens),
-        "seeds": seeds,
-        "limit": limit,
-        **(config or {}),
-    }
+    problems = task.problems(limit)
+    run_config = _run_config(task, method, model_name, max_new_tokens, config)
+    run_config.update(seeds=seeds, limit=limit, problem_ids=[p.id for p in problems])
+    run_config.update(config or {})
     if resume:
         _check_resume_config(out / CONFIG_FILE, run_config)
     done = read_results(results_path, repair=True) if resume else []
     _write_json(out / CONFIG_FILE, run_config)
 
-    problems = task.problems(limit)
     finished = {(r["problem_id"], int(r["seed"])) for r in done}
     todo = [(i, p, s) for i, p in enumerate(problems) for s in seeds if (p.id, s) not in finished]
     selected = {(p.id, s) for p in problems for s in seeds}
@@ -267,7 +529,11 @@ class ResultWriter:
     def __init__(self, plan: RunPlan, desc: str, progress: bool) -> None:
         self.plan = plan
         self.written: set[tuple[str, int]] = set(plan.finished)
-        self._fh = plan.results_path.open("a", encoding="utf-8")
+        try:
+            self._fh = plan.results_path.open("a", encoding="utf-8")
+        except OSError as exc:
+            plan.release()
+            raise EGPSError(f"cannot write {plan.results_path}: {exc.strerror or exc}") from None
         self._bar = _progress_bar(len(plan.todo), desc, progress)
 
     def write(self, record: dict[str, Any]) -> bool:
@@ -275,7 +541,13 @@ class ResultWriter:
         key = (record["problem_id"], int(record["seed"]))
         if key in self.written:
             return False
-        _append(self._fh, record)
+        try:
+            _append(self._fh, record)
+        except OSError as exc:  # a disk that filled up: what was written stays, a torn last line is repaired
+            raise EGPSError(
+                f"cannot append to {self.plan.results_path}: {exc.strerror or exc}; the finished units are kept, "
+                f"rerun with --resume once the problem is fixed"
+            ) from None
         self.written.add(key)
         self.plan.counted += 1
         self.plan.correct += bool(record["correct"])
@@ -294,15 +566,25 @@ class ResultWriter:
     def __enter__(self) -> ResultWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is not None:  # the run failed: no finish_run will release the directory
+            self.plan.release()
 
 
 def finish_run(plan: RunPlan, task: Task, method: Method, started: float, **extra: Any) -> dict[str, Any]:
     """Summarise the selected units from ``results.jsonl``; write ``summary.json`` and the plot.
 
     ``started`` is the ``time.perf_counter()`` at the start of the computation; ``extra`` goes into the summary.
+    Releases the plan's lock on the directory, also when it fails.
     """
+    try:
+        return _finish_locked(plan, task, method, started, **extra)
+    finally:
+        plan.release()
+
+
+def _finish_locked(plan: RunPlan, task: Task, method: Method, started: float, **extra: Any) -> dict[str, Any]:
     records = read_results(plan.results_path)
     summary = summarize_results(records, problems=[p.id for p in plan.problems], seeds=plan.seeds)
     summary.update(
@@ -481,7 +763,8 @@ def plot_accuracy_vs_compute(summaries: Sequence[dict[str, Any]], path: str | Pa
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with _atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     return path
 
 

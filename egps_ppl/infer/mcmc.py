@@ -95,13 +95,20 @@ class MCMC:
         self.warmup_cost: Cost | None = None
         self.sampling_cost: Cost | None = None
         self.wall_seconds: float = 0.0
+        self.interrupted = False
         self._draws: dict[str, list[np.ndarray]] = {}
 
     # ------------------------------------------------------------ running
     def run(self, initial: Sequences | Sequence[Sequence[int]] | None = None) -> MCMC:
         """Run warmup and sampling; ``initial`` is a batch, one list of token ids per chain, or ``None``
-        (ancestral samples of ``init_policy``, or the schedule's growth phase)."""
+        (ancestral samples of ``init_policy``, or the schedule's growth phase).
+
+        On ``KeyboardInterrupt`` (Ctrl-C, or a hook raising it) during sampling, the draws recorded so far are kept
+        (:attr:`draws_completed` of them; :attr:`interrupted` is set and :meth:`attrs` says ``partial=1``) and the
+        interrupt is raised again, so a caller can save them.
+        """
         started = time.perf_counter()
+        self.interrupted, self._draws = False, {}
         generator = torch.Generator().manual_seed(self.seed)
         state, cost = self._initial_state(initial, generator)
         state, prep = self.kernel.prepare(state)
@@ -111,25 +118,34 @@ class MCMC:
         self._draws = {name: [] for name in POSTERIOR_VARS + STAT_VARS + POSITION_VARS}
         pending = Cost.zero(self.num_chains, state.device)
         sampling = Cost.zero(self.num_chains, state.device)
-        for step in range(total):
-            state, info = self.kernel.step(state, generator)
-            warm = step < self.warmup_steps
-            phase = "warmup" if warm else "sample"
-            for hook in self.hooks:
-                hook(phase, step, state, info)
-            if warm:
-                cost = cost + info.cost
-            else:
-                pending = pending + info.cost
-                if (step - self.warmup_steps + 1) % self.thin == 0:
-                    self._record(state, info, pending)
-                    sampling = sampling + pending
-                    pending = Cost.zero(self.num_chains, state.device)
+        try:
+            for step in range(total):
+                state, info = self.kernel.step(state, generator)
+                warm = step < self.warmup_steps
+                phase = "warmup" if warm else "sample"
+                for hook in self.hooks:
+                    hook(phase, step, state, info)
+                if warm:
+                    cost = cost + info.cost
+                else:
+                    pending = pending + info.cost
+                    if (step - self.warmup_steps + 1) % self.thin == 0:
+                        self._record(state, info, pending)
+                        sampling = sampling + pending
+                        pending = Cost.zero(self.num_chains, state.device)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(accept=f"{info.accept_prob.mean().item():.2f}", refresh=False)
+        except KeyboardInterrupt:
+            self.interrupted = True  # keep the complete draws (an interrupted _record may have added to some lists)
+            done = self.draws_completed
+            self._draws = {name: values[:done] for name, values in self._draws.items()}
+            self.state, self.warmup_cost, self.sampling_cost = state, cost, sampling
+            self.wall_seconds = time.perf_counter() - started
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(accept=f"{info.accept_prob.mean().item():.2f}", refresh=False)
-        if bar is not None:
-            bar.close()
+                bar.close()
         self.state, self.warmup_cost, self.sampling_cost = state, cost, sampling
         self.wall_seconds = time.perf_counter() - started
         return self
@@ -145,7 +161,9 @@ class MCMC:
         if initial is not None:
             if len(initial) != self.num_chains:
                 raise EGPSError(f"got {len(initial)} initial completions for {self.num_chains} chains")
-            return target.from_completions(initial, self.kernel.policy)
+            scored = target.from_completions(initial, self.kernel.policy)  # checks the ids and lengths first
+            _check_in_support(initial, target.lm.eos_token_id, target.max_new_tokens)
+            return scored
         if self.schedule is not None:
             return self.schedule.grow(self.kernel, self.num_chains, generator, self._block_hook)
         return target.sample_proposal(self.num_chains, generator, self.init_policy or target.default_policy())
@@ -174,6 +192,11 @@ class MCMC:
             self._draws[name].append(value.detach().cpu().numpy())
 
     # ------------------------------------------------------------ results
+    @property
+    def draws_completed(self) -> int:
+        """Draws recorded per chain by the latest :meth:`run` (fewer than ``num_samples`` after an interrupt)."""
+        return min((len(values) for values in self._draws.values()), default=0)
+
     def _require_run(self) -> None:
         if self.state is None:
             raise EGPSError("call run() first")
@@ -204,6 +227,7 @@ class MCMC:
             "prompt_ids": " ".join(str(t) for t in target.prompt.tolist()),
             "schedule": repr(self.schedule) if self.schedule else "none",
             "wall_seconds": round(self.wall_seconds, 3),
+            **({"partial": 1, "draws_completed": self.draws_completed} if self.interrupted else {}),
         }
 
     def to_arviz(self) -> Any:
@@ -226,6 +250,19 @@ class MCMC:
         """Everything spent: growth, warmup and sampling."""
         self._require_run()
         return self.warmup_cost + self.sampling_cost
+
+
+def _check_in_support(completions: Sequence[Sequence[int]], eos: int | None, max_new_tokens: int) -> None:
+    """Every completion π can produce ends with EOS or has exactly ``max_new_tokens`` tokens; a chain started
+    elsewhere has π = 0 at its start and can stick there, so such a start is refused."""
+    for number, ids in enumerate(completions, start=1):
+        ids = list(ids)
+        if 0 < len(ids) < max_new_tokens and (eos is None or int(ids[-1]) != eos):
+            end = f"does not end with EOS ({eos})" if eos is not None else "the model has no EOS"
+            raise EGPSError(
+                f"initial completion {number} has {len(ids)} tokens and {end}: outside the support of pi (a "
+                f"completion ends with EOS or has exactly max_new_tokens={max_new_tokens} tokens)"
+            )
 
 
 def _progress_bar(total: int, desc: str):

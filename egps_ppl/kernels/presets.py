@@ -17,6 +17,9 @@ from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.target import PowerDistribution
 
 PresetFactory = Callable[[PowerDistribution, PowerPolicy], Kernel]
+MAX_SPEC_DEPTH = 32
+"""The deepest nesting of ``cycle(...)``/``mixture(...)`` a spec may have (deeper ones would exhaust Python's
+recursion limit instead of failing with a message)."""
 
 EGPS_LOCAL_DEFAULTS = {"num_tries": 8, "beta": 4.0, "floor": 1e-3, "local_width": 4}
 """``egps-local``: chosen on the sparse-decision test beds (benchmarks/egps_speedup.py)."""
@@ -193,7 +196,8 @@ def build_kernel(spec: str, target: PowerDistribution, policy: PowerPolicy | Non
     Raises
     ------
     EGPSError
-        For an unknown name, unbalanced parentheses, an empty list or a weight that is not a number.
+        For an unknown name, unbalanced parentheses, an empty list, a weight that is not a finite number >= 0
+        (or all weights 0), or nesting deeper than :data:`MAX_SPEC_DEPTH`.
 
     Examples
     --------
@@ -235,9 +239,11 @@ def _weight_suffix(part: str) -> bool:
     if not sep or tail.count("(") or tail.count(")"):
         return False
     try:
-        float(tail)
+        weight = float(tail)
     except ValueError:
         raise EGPSError(f"mixture weight must be a number, got {tail!r} in {part!r}") from None
+    if not 0 <= weight < float("inf"):  # also NaN
+        raise EGPSError(f"mixture weight must be a finite number >= 0, got {tail!r} in {part!r}")
     return bool(head)
 
 
@@ -246,6 +252,8 @@ def _split_top_level(text: str) -> list[str]:
     for char in text:
         if char == "(":
             depth += 1
+            if depth >= MAX_SPEC_DEPTH:  # inside one combinator already: the whole spec is nested deeper
+                raise EGPSError(f"kernel spec nested more than {MAX_SPEC_DEPTH} levels deep; flatten it")
         elif char == ")":
             depth -= 1
             if depth < 0:
