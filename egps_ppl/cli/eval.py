@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 threads=args.threads,
                 max_retries=args.ray_retries,
+                batch=args.batch,
             )
         else:
             from egps_ppl.evals.runner import evaluate

@@ -4,11 +4,12 @@ How it works
 ------------
 The driver (this process) plans the run exactly like :func:`~egps_ppl.evals.runner.evaluate`, with the same run
 store (:mod:`egps_ppl.evals.store`: same checks, same ``config.json``, same resume logic), then starts
-``num_workers`` actors. Each actor loads **one** model, once, and computes one (problem, seed) unit per call with
-:func:`~egps_ppl.evals.runner.evaluate_unit`, the seam the local loop uses too. Each actor holds at most one unit
-at a time; as soon as a unit finishes, the driver appends its record to the same ``results.jsonl`` (one fsync'ed
-line, the same record) and hands that actor the next unit. The summary, ``summary.json`` and the plot are written
-by the same code as the local runner's.
+``num_workers`` actors. Each actor loads **one** model, once, and computes a batch of up to ``batch``
+(problem, seed) units per call, sharing forward passes (:func:`~egps_ppl.evals.runner.evaluate_batched`, the
+batched loop the local runner uses too; one unit per call for methods that do not batch). Each actor holds one
+batch at a time; as soon as it finishes, the driver appends its records to the same ``results.jsonl`` (one
+fsync'ed line per record, the same records) and hands that actor the next batch. The summary, ``summary.json``
+and the plot are written by the same code as the local runner's.
 
 Because the generator of a unit is seeded by :func:`~egps_ppl.evals.runner.unit_seed` ``(seed, problem.id)``,
 the records are the local runner's records (same completions); only their order in the file and the timings
@@ -49,7 +50,7 @@ from typing import Any
 
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.methods import Method
-from egps_ppl.evals.runner import evaluate_unit, model_name
+from egps_ppl.evals.runner import DEFAULT_BATCH, batchable, evaluate_batched, evaluate_unit, model_name
 from egps_ppl.evals.store import (
     RESULTS_FILE,
     ResultWriter,
@@ -135,6 +136,17 @@ class UnitWorker:
         """The model's name and this process's id (raises the model's load error, if any)."""
         return {"model": model_name(self._model()), "pid": os.getpid()}
 
+    def run_batch(self, units: list[tuple[int, Problem, int]], batch: int) -> list[dict[str, Any]]:
+        """The records of several units, sharing forward passes (:func:`~egps_ppl.evals.runner.evaluate_batched`)
+        when the method batches, else one after another."""
+        if batchable(self.method):
+            return list(
+                evaluate_batched(
+                    self.task, self.method, self._model(), units, batch=batch, max_new_tokens=self.max_new_tokens
+                )
+            )
+        return [self.run(*unit) for unit in units]
+
     def run(self, index: int, problem: Problem, seed: int) -> dict[str, Any]:
         """The record of one unit (:func:`~egps_ppl.evals.runner.evaluate_unit`)."""
         return evaluate_unit(
@@ -189,6 +201,7 @@ def evaluate_ray(
     dtype: str = "float32",
     threads: int | None = None,
     max_retries: int = 2,
+    batch: int = DEFAULT_BATCH,
 ) -> dict[str, Any]:
     """:func:`~egps_ppl.evals.runner.evaluate` with the units computed by Ray actors; same files, same records.
 
@@ -217,6 +230,10 @@ def evaluate_ray(
         torch threads per actor (default: ``cpus_per_worker``, at least 1).
     max_retries : int
         How many times a unit whose actor died is retried on a fresh actor before it is given up.
+    batch : int
+        Units an actor computes per call, sharing forward passes when the method batches
+        (:func:`~egps_ppl.evals.runner.batchable`; otherwise one unit per call). An actor's death retries its
+        whole batch.
 
     Returns
     -------
@@ -279,6 +296,7 @@ def evaluate_ray(
                 dtype=dtype,
                 threads=threads,
                 max_retries=max_retries,
+                batch=batch,
             )
     finally:
         if started_here:
@@ -330,6 +348,7 @@ def _drive(
     dtype: str,
     threads: int | None,
     max_retries: int,
+    batch: int,
 ) -> dict[str, Any]:
     lost_errors = _lost_worker_errors(ray)
     # No more actors than units left (at least one: the model's name is needed for the resume check).
@@ -378,11 +397,15 @@ def _drive(
         )
         for actor in live[len(plan.todo) :]:  # fewer units than workers
             kill(actor)
-        idle = deque(live[: len(plan.todo)])
-        queue = deque(plan.todo)
+        size = batch if batchable(method) else 1
+        chunks = [tuple(plan.todo[i : i + size]) for i in range(0, len(plan.todo), size)]
+        for actor in live[len(chunks) : len(plan.todo)]:  # fewer batches than workers
+            kill(actor)
+        idle = deque(live[: len(chunks)])
+        queue = deque(chunks)
         attempts: dict[tuple[str, int], int] = {}
         given_up: list[tuple[tuple[str, int], str]] = []
-        inflight: dict[Any, tuple[Any, tuple[int, Problem, int]]] = {}
+        inflight: dict[Any, tuple[Any, tuple[tuple[int, Problem, int], ...]]] = {}
         died, retried, deaths_in_a_row = 0, 0, 0
         # Actors dying one after another with no unit finishing (a model too big for the worker, a broken node):
         # stop instead of burning through every unit's retries. One bad unit on every worker stays under it.
@@ -392,27 +415,27 @@ def _drive(
             while queue or inflight:
                 while queue and idle:
                     actor = idle.popleft()
-                    unit = queue.popleft()
-                    inflight[actor.run.remote(*unit)] = (actor, unit)
+                    chunk = queue.popleft()
+                    inflight[actor.run_batch.remote(list(chunk), size)] = (actor, chunk)
                 if not inflight:  # cannot happen (a dead actor is replaced while work is left); never hang
                     raise EGPSError(f"{len(queue)} unit(s) left but no Ray worker to run them; rerun with --resume")
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 ref = ready[0]
-                actor, unit = inflight.pop(ref)
-                _, problem, seed = unit
-                key = (problem.id, seed)
+                actor, chunk = inflight.pop(ref)
+                keys = [(problem.id, seed) for _, problem, seed in chunk]
+                key = keys[0]
                 try:
-                    record = ray.get(ref)
+                    records = ray.get(ref)
                 except lost_errors as exc:
                     died += 1
                     deaths_in_a_row += 1
                     kill(actor)
                     attempts[key] = attempts.get(key, 0) + 1
                     if attempts[key] > max_retries:
-                        given_up.append((key, f"{type(exc).__name__}"))
+                        given_up.extend((k, f"{type(exc).__name__}") for k in keys)
                     else:
-                        retried += 1
-                        queue.appendleft(unit)
+                        retried += len(chunk)
+                        queue.appendleft(chunk)
                     if deaths_in_a_row >= death_limit:
                         raise EGPSError(
                             f"{deaths_in_a_row} Ray workers died in a row with no unit finishing (last: "
@@ -423,9 +446,11 @@ def _drive(
                         idle.append(start_actor())
                     continue
                 except ray.exceptions.RayTaskError as exc:
-                    raise _unit_failure(ray, exc, f"unit ({problem.id}, seed {seed})") from None
+                    what = ", ".join(f"({pid}, seed {s})" for pid, s in keys[:3]) + (" ..." if len(keys) > 3 else "")
+                    raise _unit_failure(ray, exc, f"unit {what}") from None
                 deaths_in_a_row = 0
-                writer.write(record)
+                for record in records:
+                    writer.write(record)
                 idle.append(actor)
         summary = finish_run(
             plan,

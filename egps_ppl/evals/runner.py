@@ -227,10 +227,10 @@ def evaluate(
     --------
     egps_ppl.evals.ray_runner.evaluate_ray : the same run sharded over Ray actors (same files, same records).
     """
+    check_positive_int("batch", batch)
     plan = plan_run(
         task, method, model_name(lm), seeds, limit, out_dir, resume, max_new_tokens=max_new_tokens, config=config
     )
-    check_positive_int("batch", batch)
     started = time.perf_counter()
     with ResultWriter(plan, method.name, progress) as writer:
         if batchable(method):
