@@ -272,3 +272,39 @@ def test_smc_populations_in_one_batch_match_exact_pi_per_problem():
                        if len(result.samples.row_tokens(row)) == 1)  # fmt: skip
         truth = sum(p for s, p in probs.items() if len(s) == 1)
         assert abs(estimate - truth) < 0.03, (k, estimate, truth)
+
+
+# ---------------------------------------------------------------- MCMC and its ArviZ export over a plate
+
+
+def test_mcmc_over_a_plate_exports_one_problem_dimension(tmp_path):
+    from egps_ppl.diagnostics import format_summary, load_netcdf, posterior_dataset, save_netcdf, select_problem
+    from egps_ppl.infer import MCMC
+
+    target = PowerDistribution(MODEL, [list(p) for p in PROMPTS], alpha=2.0, max_new_tokens=4)
+    mcmc = MCMC(MetropolisHastings(target), num_samples=12, warmup_steps=2, num_chains=3, seed=0, progress=False)
+    mcmc.run()
+    data = load_netcdf(save_netcdf(mcmc.to_arviz(), tmp_path / "plate.nc"))
+    tokens = posterior_dataset(data)["tokens"]
+    assert tokens.dims == ("chain", "draw", "problem", "position") and tokens.shape == (3, 12, len(PROMPTS), 4)
+    # Problem k's chains are rows k*C .. k*C+C-1 of the runner's draws.
+    rows = mcmc.get_samples()["tokens"]
+    assert (tokens.isel(problem=2).values == rows[6:9]).all()
+    summary = mcmc.summary()
+    assert summary["num_problems"] == len(PROMPTS) and summary["problems"][0]["num_chains"] == 3
+    assert "problem 3:" in format_summary(summary)
+    one = posterior_dataset(select_problem(data, 1))
+    assert "problem" not in one.dims and one["log_p"].shape == (3, 12)
+
+
+def test_egps_sample_with_several_prompts(tmp_path, capsys):
+    from egps_ppl.cli import main
+    from egps_ppl.diagnostics import load_netcdf, posterior_dataset
+
+    out = tmp_path / "two.nc"
+    args = ["sample", "--model", "tiny-gpt2", "--prompt", "Hello", "--prompt", "A longer prompt", "--alpha", "4"]
+    args += ["--num-chains", "2", "--num-samples", "3", "--warmup", "1", "--max-new-tokens", "5", "--no-progress"]
+    assert main([*args, "--threads", "1", "--out", str(out)]) == 0
+    assert posterior_dataset(load_netcdf(out))["log_p"].dims == ("chain", "draw", "problem")
+    printed = capsys.readouterr().out
+    assert "problem 1, chain 0" in printed and "2 chains per problem (2 problems)" in printed

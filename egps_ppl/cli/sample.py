@@ -29,7 +29,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sample", help="sample completions from p(x|prompt)^alpha and write an ArviZ file")
     add_model_option(parser)
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text (default: the built-in arithmetic demo question)")
+    prompt.add_argument(
+        "--prompt",
+        action="append",
+        help="prompt text (default: the built-in arithmetic demo question); repeat it to sample several problems in "
+        "one batch (--num-chains chains each; the ArviZ file gets a problem dimension)",
+    )
     prompt.add_argument("--prompt-ids", help="prompt as token ids, comma or space separated")
     parser.add_argument(
         "--chat",
@@ -92,20 +97,28 @@ def run(args: argparse.Namespace) -> int:
     policy = PowerPolicy(alpha, top_k=args.top_k, top_p=args.top_p)
     _check_kernel_spec(args.kernel, policy)
     initial = _read_init(args.init, args.num_chains) if args.init else None
+    if initial is not None and args.prompt and len(args.prompt) > 1:
+        raise EGPSError("--init starts the chains of one prompt; give a single --prompt with it")
     if initial is not None and args.block_size is not None:
         raise EGPSError("--init and --block-size exclude each other: a schedule grows its own start")
     schedule = make_schedule(args.block_size, args.steps_per_block, args.adaptive)
     what = f"--num-chains {args.num_chains} x --num-samples {args.num_samples} x --max-new-tokens {args.max_new_tokens}"
-    needed, explanation = chain_memory(args.num_chains, args.max_new_tokens, args.num_samples)
+    needed, explanation = chain_memory(
+        args.num_chains * len(args.prompt or [None]), args.max_new_tokens, args.num_samples
+    )
     check_memory(needed, what, explanation, args.device)
     _check_disk(out, args.num_chains, args.num_samples, args.max_new_tokens)
 
     torch.manual_seed(args.seed)
     set_threads(args.threads)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    needed, explanation = chain_memory(args.num_chains, args.max_new_tokens, args.num_samples, lm.vocab_size)
+    needed, explanation = chain_memory(
+        args.num_chains * len(args.prompt or [None]), args.max_new_tokens, args.num_samples, lm.vocab_size
+    )
     check_memory(needed, what, explanation, args.device)
-    target = PowerDistribution(lm, prompt_ids(lm, args), alpha, args.max_new_tokens)
+    texts = args.prompt or [None]
+    prompts = [prompt_ids(lm, argparse.Namespace(**{**vars(args), "prompt": text})) for text in texts]
+    target = PowerDistribution(lm, prompts if len(prompts) > 1 else prompts[0], alpha, args.max_new_tokens)
     kernel = build_kernel(args.kernel, target, policy)
     mcmc = MCMC(
         kernel,
@@ -191,11 +204,17 @@ def _print_result(lm: LanguageModel, mcmc: MCMC, summary_text: str, out: Path, s
     samples = mcmc.get_samples()
     tokens, length = samples["tokens"], samples["length"]
     stats = mcmc.get_sample_stats()
-    print(f"kernel {mcmc.kernel.name}, alpha={mcmc.kernel.target.alpha:g}, {mcmc.num_chains} chains, seed {mcmc.seed}")
-    for chain in range(min(show, tokens.shape[0])):
-        ids = tokens[chain, -1, : length[chain, -1]].tolist()
-        print(f"--- chain {chain} (final draw, log p = {samples['log_p'][chain, -1]:.2f}) ---")
-        print(lm.decode(ids))
+    problems = mcmc.kernel.target.num_prompts
+    each = f" per problem ({problems} problems)" if problems > 1 else ""
+    alpha = mcmc.kernel.target.alpha
+    print(f"kernel {mcmc.kernel.name}, alpha={alpha:g}, {mcmc.num_chains} chains{each}, seed {mcmc.seed}")
+    for problem in range(problems):  # rows are problem-major
+        for chain in range(min(show, mcmc.num_chains)):
+            row = problem * mcmc.num_chains + chain
+            ids = tokens[row, -1, : length[row, -1]].tolist()
+            where = f"problem {problem}, chain {chain}" if problems > 1 else f"chain {chain}"
+            print(f"--- {where} (final draw, log p = {samples['log_p'][row, -1]:.2f}) ---")
+            print(lm.decode(ids))
     total = mcmc.total_cost()
     print("---")
     print(f"acceptance rate: {stats['acceptance_rate'].mean():.3f} (accepted {stats['is_accepted'].mean():.3f})")

@@ -9,6 +9,7 @@ from egps_ppl.diagnostics.arviz_export import (
     load_netcdf,
     posterior_dataset,
     save_netcdf,
+    select_problem,
     to_arviz,
     uses_datatree,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "plot_trace",
     "posterior_dataset",
     "save_netcdf",
+    "select_problem",
     "summarize",
     "to_arviz",
     "uses_datatree",

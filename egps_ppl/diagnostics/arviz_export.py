@@ -46,6 +46,7 @@ __all__ = [
     "load_netcdf",
     "posterior_dataset",
     "save_netcdf",
+    "select_problem",
     "to_arviz",
     "uses_datatree",
 ]
@@ -263,11 +264,44 @@ def _observed(observed: Mapping[str, Any]) -> dict[str, Any]:
     return variables
 
 
+def _split_problems(dims: tuple[str, ...], array: np.ndarray, problems: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """``[P·C, draw, ...]`` (problem-major rows) as ``[C, draw, P, ...]`` with the dimension names to match."""
+    rows, rest = array.shape[0], array.shape[1:]
+    split = array.reshape(problems, rows // problems, *rest)
+    return ("chain", "draw", "problem", *dims[2:]), np.moveaxis(split, 0, 2)
+
+
+def select_problem(data: Any, problem: int) -> Any:
+    """The run of one problem of a multi-prompt run (every group with ``problem`` selected), in the same container
+    type; data without a ``problem`` dimension is returned as it is.
+
+    Parameters
+    ----------
+    data
+        :class:`arviz.InferenceData` or :class:`xarray.DataTree` from :func:`to_arviz`.
+    problem
+        The problem's index.
+
+    Returns
+    -------
+    arviz.InferenceData or xarray.DataTree
+    """
+    names = group_names(data)
+    if "problem" not in group_dataset(data, names[0]).dims:
+        return data
+    groups = {}
+    for name in names:
+        ds = group_dataset(data, name)
+        groups[name] = ds.isel(problem=problem).drop_vars("problem", errors="ignore") if "problem" in ds.dims else ds
+    return _make_container(groups, dict(group_dataset(data, names[0]).attrs))
+
+
 def to_arviz(
     posterior: Mapping[str, Any],
     sample_stats: Mapping[str, Any],
     attrs: Mapping[str, Any] | None = None,
     observed: Mapping[str, Any] | None = None,
+    problems: int | None = None,
 ) -> Any:
     """Build the ArviZ container for one MCMC run.
 
@@ -286,6 +320,11 @@ def to_arviz(
         (bool, None, lists) are stored as JSON strings.
     observed
         Optional arrays without chain/draw dimensions (e.g. prompt ids), stored as ``observed_data``.
+    problems
+        For a run over several prompts: the number of problems ``P``. The leading dimension of every array then
+        holds ``P × C`` rows, problem-major (the rows of problem ``k`` are ``k·C .. k·C + C - 1``), and every
+        variable gets the dimensions ``chain`` (``C``), ``draw``, ``problem`` (``P``), then its own, so ArviZ's
+        R-hat and ESS come out per problem.
 
     Returns
     -------
@@ -302,6 +341,12 @@ def to_arviz(
     stats_vars = _sample_stats(sample_stats, (n_chain, n_draw), post_vars["length"][1], n_pos)
     run_attrs = _run_attrs(attrs)
     coords = {"chain": np.arange(n_chain), "draw": np.arange(n_draw)}
+    if problems is not None:
+        if isinstance(problems, bool) or not isinstance(problems, int) or problems < 1 or n_chain % problems:
+            raise EGPSError(f"{n_chain} rows do not split into {problems} problems of equal chains")
+        post_vars = {name: _split_problems(dims, array, problems) for name, (dims, array) in post_vars.items()}
+        stats_vars = {name: _split_problems(dims, array, problems) for name, (dims, array) in stats_vars.items()}
+        coords = {"chain": np.arange(n_chain // problems), "draw": np.arange(n_draw), "problem": np.arange(problems)}
     stats_coords = {**coords, "position": np.arange(n_pos)} if any(n in stats_vars for n in POSITION_STATS) else coords
     groups = {
         "posterior": xr.Dataset(post_vars, coords={**coords, "position": np.arange(n_pos)}, attrs=run_attrs),

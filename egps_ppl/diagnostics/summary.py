@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from egps_ppl.diagnostics.arviz_export import az, group_dataset, group_names, posterior_dataset
+from egps_ppl.diagnostics.arviz_export import az, group_dataset, group_names, posterior_dataset, select_problem
 from egps_ppl.errors import EGPSError
 
 __all__ = ["format_summary", "summarize"]
@@ -171,12 +171,21 @@ def summarize(data: Any, var_names: Sequence[str] = ("log_p", "length")) -> dict
         ``decode_tokens_per_draw``, ``scored_tokens_per_draw``: ``{"mean", "per_chain"}``;
         ``notes``: list of strings saying why any value is NaN.
 
+        For a run over several prompts (a ``problem`` dimension): ``{"num_problems": P, "problems": [one summary
+        as above per problem]}``.
+
     Raises
     ------
     EGPSError
         If a variable is missing or is not one number per (chain, draw).
     """
     posterior = posterior_dataset(data)
+    if "problem" in posterior.dims:
+        count = int(posterior.sizes["problem"])
+        return {
+            "num_problems": count,
+            "problems": [summarize(select_problem(data, k), var_names) for k in range(count)],
+        }
     n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
     stats = _sample_stats(data)
     notes: list[str] = []
@@ -219,8 +228,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     -------
     str
         Several lines: one row per variable (mean, sd, R-hat, bulk/tail ESS), then acceptance, moved fraction
-        and token counts (overall and per chain), then any notes (frozen chains among them).
+        and token counts (overall and per chain), then any notes (frozen chains among them); one such block per
+        problem for a run over several prompts.
     """
+    if "problems" in summary:
+        return "\n\n".join(f"problem {k}: " + format_summary(part) for k, part in enumerate(summary["problems"]))
     lines = [f"{summary['num_chains']} chains x {summary['num_draws']} draws"]
     name_width = max([8, *(len(name) for name in summary["variables"])])
     header = f"{'variable':<{name_width}} {'mean':>10} {'sd':>10} {'r_hat':>7} {'ess_bulk':>9} {'ess_tail':>9}"

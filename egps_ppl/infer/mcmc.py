@@ -116,8 +116,8 @@ class MCMC:
         total = self.warmup_steps + self.num_samples * self.thin
         bar = _progress_bar(total, self.kernel.name) if self.progress else None
         self._draws = {name: [] for name in POSTERIOR_VARS + STAT_VARS + POSITION_VARS}
-        pending = Cost.zero(self.num_chains, state.device)
-        sampling = Cost.zero(self.num_chains, state.device)
+        pending = Cost.zero(state.num_rows, state.device)
+        sampling = Cost.zero(state.num_rows, state.device)
         try:
             for step in range(total):
                 state, info = self.kernel.step(state, generator)
@@ -132,7 +132,7 @@ class MCMC:
                     if (step - self.warmup_steps + 1) % self.thin == 0:
                         self._record(state, info, pending)
                         sampling = sampling + pending
-                        pending = Cost.zero(self.num_chains, state.device)
+                        pending = Cost.zero(state.num_rows, state.device)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(accept=f"{info.accept_prob.mean().item():.2f}", refresh=False)
@@ -155,9 +155,11 @@ class MCMC:
     ) -> tuple[Sequences, Cost]:
         target = self.kernel.target
         if isinstance(initial, Sequences):
-            if initial.num_rows != self.num_chains:
+            if initial.num_rows != self.num_chains * target.num_prompts:
                 raise EGPSError(f"initial batch has {initial.num_rows} rows for {self.num_chains} chains")
-            return initial, Cost.zero(self.num_chains, initial.device)
+            return initial, Cost.zero(initial.num_rows, initial.device)
+        if initial is not None and target.batched:
+            raise EGPSError("initial completions for a target over several prompts: pass a Sequences batch")
         if initial is not None:
             if len(initial) != self.num_chains:
                 raise EGPSError(f"got {len(initial)} initial completions for {self.num_chains} chains")
@@ -224,7 +226,8 @@ class MCMC:
             "num_chains": self.num_chains,
             "warmup_steps": self.warmup_steps,
             "thin": self.thin,
-            "prompt_ids": " ".join(str(t) for t in target.prompt.tolist()),
+            "prompt_ids": " | ".join(" ".join(str(t) for t in p.tolist()) for p in target.prompts),
+            "num_problems": target.num_prompts,
             "schedule": repr(self.schedule) if self.schedule else "none",
             "wall_seconds": round(self.wall_seconds, 3),
             **({"partial": 1, "draws_completed": self.draws_completed} if self.interrupted else {}),
@@ -232,12 +235,17 @@ class MCMC:
 
     def to_arviz(self) -> Any:
         """The draws as ArviZ data (``InferenceData`` on arviz < 1, a ``DataTree`` on arviz >= 1), with the
-        per-position ``token_logp`` and ``entropy`` of every draw in ``sample_stats``."""
+        per-position ``token_logp`` and ``entropy`` of every draw in ``sample_stats``. For a target over several
+        prompts every variable gets a ``problem`` dimension after ``draw`` (``num_chains`` chains per problem), so
+        ArviZ's R-hat and ESS come out per problem."""
         from egps_ppl.diagnostics import to_arviz
 
         self._require_run()
         per_position = {name: np.stack(self._draws[name], axis=1) for name in POSITION_VARS}
-        return to_arviz(self.get_samples(), {**self.get_sample_stats(), **per_position}, self.attrs())
+        problems = self.kernel.target.num_prompts if self.kernel.target.batched else None
+        return to_arviz(
+            self.get_samples(), {**self.get_sample_stats(), **per_position}, self.attrs(), problems=problems
+        )
 
     def summary(self) -> dict[str, Any]:
         """R-hat, bulk/tail ESS of ``log_p`` and ``length`` (from ArviZ), acceptance rates, the moved fraction and
