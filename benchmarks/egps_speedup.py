@@ -63,7 +63,7 @@ from egps_ppl.target import PowerDistribution
 NAME = "egps_speedup"
 ALPHA = 4.0
 TV_THRESHOLD = 0.05
-KERNELS = ("mh", "entropy-mh", "entropy-cut-mh", "mtm", "egps")
+KERNELS = ("mh", "entropy-mh", "entropy-cut-mh", "mtm", "egps-local", "egps")
 BASELINE = "mh"
 CANDIDATE = "egps"
 PAPER_SPEEDUP = 12.6
@@ -78,7 +78,7 @@ SMOLLM2_QUESTIONS = (
     ("A farmer has 15 cows and sells 4 of them. How many cows does the farmer have left?", 11),
     ("There are 9 birds on a fence. 5 more birds land on it. How many birds are on the fence now?", 14),
 )
-"""Arithmetic questions for part 2 and their answers (the first is ``egps_ppl.demo.DEMO_QUESTION``)."""
+"""Arithmetic questions for part 2 and their answers (the first is the demo question of ``egps sample``)."""
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -465,8 +465,8 @@ def moved_fraction(tokens: np.ndarray, initial: Sequence[Sequence[int]]) -> floa
 
 def run_smollm2(settings: Settings, out_dir: Path) -> dict[str, Any]:
     """``mh`` and ``egps`` on SmolLM2-135M at (about) equal decode tokens; see the module docstring."""
-    from egps_ppl.demo import encode_chat, few_shot_messages
     from egps_ppl.diagnostics import plot_entropy_profile, summarize
+    from egps_ppl.evals.tasks import arithmetic_prompt
     from egps_ppl.infer import MCMC
     from egps_ppl.models.registry import load_model
 
@@ -484,7 +484,7 @@ def run_smollm2(settings: Settings, out_dir: Path) -> dict[str, Any]:
         "plots": [],
     }
     for q_index, (question, answer) in enumerate(SMOLLM2_QUESTIONS[: settings.smollm2_questions]):
-        prompt = encode_chat(lm, few_shot_messages(question))
+        prompt = arithmetic_prompt(lm, question)  # the few-shot chat prompt (egps_ppl.demo moved into the tasks)
         target = PowerDistribution(lm, prompt, ALPHA, settings.smollm2_max_new_tokens)
         generator = torch.Generator().manual_seed(settings.seed + q_index)
         init_state, _ = target.sample_proposal(settings.smollm2_chains, generator)

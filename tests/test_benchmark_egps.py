@@ -102,3 +102,33 @@ def test_markdown_tables_render(quick_run: tuple[dict, Path]) -> None:
     payload, _ = quick_run
     text = egps_speedup.markdown_tables(payload)
     assert "| egps |" in text and "| mh |" in text
+
+
+egps_design = importlib.import_module("benchmarks.egps_design")
+
+
+@pytest.fixture(scope="module")
+def design_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("egps_design")
+    return egps_design.main(["--quick", "--out", str(out)]), out
+
+
+def test_design_quick_run_writes_json_plot_and_table(design_run: tuple[dict, Path]) -> None:
+    payload, out = design_run
+    written = json.loads((out / "egps_design.json").read_text())
+    assert written["name"] == "egps_design" and written["quick"] is True
+    assert (out / "egps_design.png").stat().st_size > 0
+    bed = written["beds"][0]
+    assert set(bed["variants"]) == set(egps_design.QUICK_VARIANTS)
+    for entry in bed["variants"].values():
+        assert len(entry["runs"]) == len(written["seeds"])
+        assert entry["decode_min"] <= entry["decode_median"] <= entry["decode_max"]
+    assert "| egps |" in egps_design.markdown(payload)
+
+
+def test_design_egps_keeps_its_lead_over_suffix_moves_alone(design_run: tuple[dict, Path]) -> None:
+    """On the exact test bed the mixture reaches π with fewer decode tokens than its suffix moves alone, and
+    every seed of it reaches the threshold (properties of fixed seeds on an exact model, not timings)."""
+    variants = design_run[0]["beds"][0]["variants"]
+    assert variants["egps"]["reached"] == len(variants["egps"]["runs"])
+    assert variants["egps"]["decode_max"] < variants["w=1 (suffix only)"]["decode_min"]
