@@ -45,6 +45,8 @@ KERNELS = {
     "cycle": lambda t: Cycle([MetropolisHastings(t), MetropolisHastings(t, proposal=SuffixProposal(_policy(t, 1.5)))]),
     "mixture": lambda t: Mixture([MetropolisHastings(t), Cycle([MetropolisHastings(t)] * 2)], [0.3, 0.7]),
     "spec-mixture": lambda t: build_kernel("mixture(mh:1,cycle(mh,mh):2)", t),
+    # Parts with different policies (1/alpha and 1): the second step sees rows rescored by the first's merge.
+    "mixture-two-policies": lambda t: build_kernel("mixture(mh:0.5,egps-local:0.5)", t),
     "mtm-local": lambda t: MultipleTryMetropolis(t, 3, selector=EntropySite(), local_width=2),
     "mtm-local-balanced": lambda t: MultipleTryMetropolis(t, 3, local_width=2, weights="balanced"),
     # Decision-suffix moves: the first token from another policy than the rest (free and rescored reverse paths).
@@ -255,12 +257,11 @@ def test_decision_suffix_with_one_policy_is_suffix_resampling(eos_heavy_model):
     torch.testing.assert_close(a.seqs.logq, b.seqs.logq)
 
 
-@pytest.mark.xfail(strict=True, reason="Mixture merges rows whose logq refer to different policies (bug, reported)")
 def test_mixture_of_kernels_with_different_policies_keeps_logq_under_its_policy():
     """``Mixture`` scatters each part's rows back into a state that keeps the *input's* policy, so rows moved by a
-    part with another policy (``egps-local`` samples at temperature 1, ``mh`` at 1/α) carry ``logq`` under the
-    wrong policy, and the next step's ``prepare`` does not rescore them (its Hastings ratio then uses the wrong
-    density). Each part alone is correct; ``egps`` avoids the case by keeping both its parts under one policy."""
+    part with another policy (``egps-local`` samples at temperature 1, ``mh`` at 1/α) must be rescored under it;
+    otherwise the next step's ``prepare`` would not rescore them and its Hastings ratio would use the wrong
+    density (this test failed before the fix)."""
     lm, alpha, length, _ = MODELS["dense"]
     target = PowerDistribution(lm, [], alpha, length)
     state, _ = target.sample_proposal(500, torch.Generator().manual_seed(0))

@@ -53,7 +53,9 @@ class Cycle(Kernel):
 class Mixture(Kernel):
     """Each chain independently picks kernel ``j`` with probability ``weights[j]`` at every step.
 
-    Chains that picked the same kernel are advanced together in one batched call.
+    Chains that picked the same kernel are advanced together in one batched call. The result keeps the input
+    state's policy: rows moved by a kernel that proposes with another policy are rescored under it (one
+    teacher-forced pass, counted in ``scored_tokens``), so every row's ``logq`` refers to the batch's policy.
 
     Parameters
     ----------
@@ -107,6 +109,12 @@ class Mixture(Kernel):
             # Every row picked this kernel: step the state itself (no row selection, so no cache rows copied).
             sub = state if rows.numel() == num else state.take(rows)
             sub_state, sub_info = kernel.step(sub, generator)
+            if sub_state.policy != state.policy:
+                # The merged batch keeps the input's policy: rescore logq/logz of these rows under it, else the
+                # next kernel would take them as densities under a policy they were not computed with.
+                sub_state, back = self.target.lm.with_policy(sub_state, state.policy)
+                sub_info.scored_tokens = sub_info.scored_tokens + back.scored_tokens
+                sub_info.forward_calls += back.forward_calls
             parts.append((rows, sub_state))
             info.accepted[rows] = sub_info.accepted
             info.accept_prob[rows] = sub_info.accept_prob
