@@ -12,6 +12,8 @@ import pytest
 from egps_ppl.errors import EGPSError
 from egps_ppl.evals.tasks import (
     MATH_PROMPT,
+    MULTISTEP_EXAMPLES,
+    MULTISTEP_OPS,
     TASKS,
     WORKED_EXAMPLES,
     Problem,
@@ -19,6 +21,7 @@ from egps_ppl.evals.tasks import (
     available_tasks,
     few_shot_messages,
     load_task,
+    multistep_messages,
     register_task,
 )
 
@@ -138,6 +141,99 @@ def test_arithmetic_prompt_needs_a_tokenizer() -> None:
     task = load_task("arithmetic")
     with pytest.raises(EGPSError, match="tokenizer"):
         task.build_prompt(task.problems(1)[0], random_markov(3, seed=0))
+
+
+# ---------------------------------------------------------------------------------------------- multistep
+
+
+def _replay(problem: Problem) -> int:
+    """The answer of a multi-step problem recomputed from its operations, each checked against the question."""
+    count = problem.metadata["start"] or 0
+    sentences = problem.prompt.splitlines()
+    offset = 0 if problem.metadata["start"] is None else 1
+    for i, (kind, *args) in enumerate(problem.metadata["ops"]):
+        assert all(str(a) in sentences[offset + i] for a in args), (problem.prompt, kind, args)
+        if kind == "bags":
+            assert i == 0
+            count = args[0] * args[1]
+        elif kind == "add":
+            count += args[0]
+        elif kind == "sub":
+            count -= args[0]
+        elif kind == "split":
+            assert count % args[0] == 0
+            count //= args[0]
+        else:
+            assert kind == "packs"
+            count += args[0] * args[1]
+        assert count > 0, problem
+    return count
+
+
+def test_multistep_is_seeded_and_prefix_stable() -> None:
+    a, b, c = load_task("multistep"), load_task("multistep:0"), load_task("multistep:1")
+    assert a.problems(30) == b.problems(30) == load_task("multistep:0").problems(30)
+    assert [p.metadata for p in a.problems(30)] == [p.metadata for p in b.problems(30)]
+    assert [p.prompt for p in a.problems(30)] != [p.prompt for p in c.problems(30)]
+    assert a.problems(10) == a.problems(30)[:10]
+    assert load_task("multistep", seed=1).problems(5) == c.problems(5)
+    ids = [p.id for p in a.problems()]
+    assert len(ids) == len(set(ids)) == 500
+    assert a.name == "multistep:0"
+    with pytest.raises(EGPSError, match="integer seed"):
+        load_task("multistep:abc")
+
+
+@pytest.mark.parametrize("level", [None, {"weights": {"add": 1, "sub": 1, "split": 1, "packs": 1}}])
+def test_multistep_answers_are_right_with_3_to_5_operations(level) -> None:
+    from egps_ppl.evals.tasks import MultiStepTask
+
+    problems = MultiStepTask(3, size=300, level=level).problems()
+    for p in problems:
+        assert 3 <= len(p.metadata["ops"]) == p.metadata["n_ops"] <= 5, p
+        assert int(p.answer) == _replay(p), p
+        assert p.metadata["solution"].endswith(f"Answer: {p.answer}")
+        assert p.metadata["solution"].count("\nStep ") == len(p.metadata["ops"]) - 1
+    assert {len(p.metadata["ops"]) for p in problems} == {3, 4, 5}
+    kinds = {op[0] for p in problems for op in p.metadata["ops"]}
+    assert kinds == ({"bags", "add", "sub"} if level is None else set(MULTISTEP_OPS))
+    for _question, solution in MULTISTEP_EXAMPLES:  # the worked examples are right too, one line per step
+        lines = solution.splitlines()
+        assert all(line.startswith(f"Step {i}: ") for i, line in enumerate(lines[:-1], start=1))
+        assert lines[-1].startswith("Answer: ") and len(lines) >= 4
+
+
+def test_multistep_grading_reuses_the_arithmetic_grader() -> None:
+    task = load_task("multistep")
+    problem = task.problems(1)[0]
+    right = problem.metadata["solution"]
+    assert task.grade(problem, right).correct and task.extract(right) == problem.answer
+    wrong = right.rsplit("Answer:", 1)[0] + f"Answer: {int(problem.answer) + 1}"
+    assert not task.grade(problem, wrong).correct
+    assert not task.grade(problem, "Step 1: I do not know.").correct
+
+
+def test_multistep_prompt_ends_where_the_assistant_answers() -> None:
+    from egps_ppl.models.registry import ByteTokenizer, load_model
+
+    class Templated(ByteTokenizer):
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+            return self.encode(text)
+
+    lm = load_model("tiny-gpt2")
+    task = load_task("multistep")
+    problem = task.problems(1)[0]
+    plain = lm.decode(task.build_prompt(problem, lm))
+    assert plain == "\n\n".join(m["content"] for m in multistep_messages(problem.prompt))
+    assert plain.endswith(problem.prompt) and MULTISTEP_EXAMPLES[1][1] in plain
+    lm.tokenizer = Templated()
+    chat = lm.decode(task.build_prompt(problem, lm))
+    examples = len(MULTISTEP_EXAMPLES)
+    assert chat.endswith(f"{problem.prompt}<assistant>") and chat.count("<user>") == examples + 1
+    assert chat.count("<assistant>Step 1: ") == examples
 
 
 # --------------------------------------------------------------------------------------------------- GPQA
@@ -270,7 +366,7 @@ def test_unknown_task_names_the_known_ones() -> None:
         load_task("mmlu")
     with pytest.raises(EGPSError, match="integer seed"):
         load_task("arithmetic:abc")
-    assert set(available_tasks()) == {"arithmetic", "math500", "humaneval", "jsonl"} | {
+    assert set(available_tasks()) == {"arithmetic", "multistep", "math500", "humaneval", "jsonl"} | {
         "gpqa",
         "gpqa-main",
         "gpqa-diamond",

