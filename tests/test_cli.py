@@ -271,7 +271,7 @@ def test_a_real_sigint_saves_the_draws_so_far(markov_file, tmp_path):
         seen += char
     assert seen.count("it/s") >= 2, seen
     proc.send_signal(signal.SIGINT)
-    err = seen + proc.communicate(timeout=240)  # a loaded machine can take long to save[1]
+    err = seen + proc.communicate(timeout=240)[1]  # a loaded machine can take long to save the draws
     assert proc.returncode == 130, err
     assert "egps: interrupted after" in err and "Traceback" not in err
     attrs = load_netcdf(out).posterior.attrs
