@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument(
         "--task",
         required=True,
-        help="arithmetic[:SEED], math500[:PATH.jsonl|:hub], humaneval, gpqa:PATH.csv, jsonl:PATH",
+        help="arithmetic[:SEED], multistep[:SEED], math500[:PATH.jsonl|:hub], humaneval, gpqa:PATH.csv, jsonl:PATH",
     )
     add_model_option(ev)
     ev.add_argument(
