@@ -262,7 +262,15 @@ def test_a_real_sigint_saves_the_draws_so_far(markov_file, tmp_path):
     args = _override(_sample_args(markov_file, out), ["--num-samples", "100000"])
     args = [a for a in args if a != "--no-progress"]  # the progress bar says when sampling has started
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "egps_ppl.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job (CI scripts, nohup) inherits SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: give the child the default disposition, as a terminal's foreground process has.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "egps_ppl.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen, deadline = "", time.monotonic() + 120
     while seen.count("it/s") < 2 and time.monotonic() < deadline:
         char = proc.stderr.read(1)
