@@ -505,10 +505,18 @@ def _bwrap_argv(bwrap: str, python: str, scratch_bytes: int, features: set[str])
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # The scratch tmpfs comes before the interpreter's trees: a venv under /tmp (a CI checkout there) is then bound
+    # on top of it instead of being hidden by it.
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    if "--size" in features:
+        argv += ["--size", str(scratch_bytes)]
+    if "--perms" in features:
+        argv += ["--perms", "1777"]
+    argv += ["--tmpfs", "/tmp"]
     bound = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
     trees = [os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(python)))]
     trees += [os.path.abspath(sys.prefix), os.path.dirname(os.path.abspath(python))]
-    made: set[str] = set()
+    made: set[str] = {"/tmp"}  # exists (the scratch tmpfs); never re-create it with other permissions
     for tree in sorted(set(trees), key=len):
         if not os.path.isdir(tree) or _inside(tree, bound):
             continue
@@ -520,12 +528,7 @@ def _bwrap_argv(bwrap: str, python: str, scratch_bytes: int, features: set[str])
                 made.add(parent)
         argv += ["--ro-bind", tree, tree]
         bound.append(tree)
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    if "--size" in features:
-        argv += ["--size", str(scratch_bytes)]
-    if "--perms" in features:
-        argv += ["--perms", "1777"]
-    argv += ["--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv"]
+    argv += ["--chdir", "/tmp", "--clearenv"]
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
     if root:  # no user namespace: the harness needs exactly these two to drop to SANDBOX_UID, then has none
