@@ -23,7 +23,6 @@ import torch
 from egps_ppl.kernels.proposals import Tries, WindowProposal, _check_tries, per_chain, replicate
 from egps_ppl.models.base import Cost
 from egps_ppl.models.policy import PowerPolicy
-from egps_ppl.rng import categorical
 from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -201,29 +200,10 @@ class HotWindowProposal:
         generator: torch.Generator | None,
     ) -> Tries:
         """Resample each chain's window ``num_tries`` times and rescore window and tail under ``policy``."""
-        _check_tries(num_tries)
-        lm = target.lm
-        choice = self._widths
-        pick = categorical(choice.weights, state.num_rows, generator, state.stream)
-        width = choice.widths[pick].to(state.device)
-        base, cut_r = replicate(state, cut, num_tries)
-        end = cut_r + (width.repeat_interleave(num_tries) if num_tries > 1 else width)
-        moving = cut_r >= 0
-        start = torch.where(moving, cut_r, base.length)
-        has_tail = base.length > end
-        stop = torch.where(moving, end.clamp(max=state.limit), base.length)
-        drawn, cost = lm.extend(base.with_(policy=self.window_policy), start, stop, generator)
-        forward = drawn.total("logq", start)
-        full_window = (drawn.length == end) & ~drawn.finished()
-        valid = moving & torch.where(has_tail, full_window, drawn.complete())
-        splice = valid & has_tail
-        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
-        spliced = drawn.with_(
-            policy=self.policy,
-            tokens=torch.where(from_old, base.tokens, drawn.tokens),
-            length=torch.where(splice, base.length, drawn.length),
-        )
-        proposed, rescored = lm.score(spliced, torch.where(moving, start, spliced.length))
+        windows = self._widths.draw_windows(target, state, cut, num_tries, generator)  # drawn at window_policy
+        spliced = windows.spliced.with_(policy=self.policy)
+        proposed, rescored = target.lm.score(spliced, torch.where(windows.moving, windows.start, spliced.length))
+        forward, width, valid, cost = windows.forward, windows.width, windows.valid, windows.cost
         start_x = torch.where(cut >= 0, cut, state.length)
         reverse, reverse_cost = self._window_log_q(target, state, cut, start_x, start_x + width)
         shape = (state.num_rows, num_tries)

@@ -274,28 +274,10 @@ class WindowProposal:
         generator: torch.Generator | None,
     ) -> Tries:
         """Resample each chain's window after its cut ``num_tries`` times and rescore the kept tail."""
-        _check_tries(num_tries)
-        lm = target.lm
-        pick = categorical(self.weights, state.num_rows, generator, state.stream)
-        width = self.widths[pick].to(state.device)
-        base, cut_r = replicate(state, cut, num_tries)
-        end = cut_r + (width.repeat_interleave(num_tries) if num_tries > 1 else width)
-        moving = cut_r >= 0
-        start = torch.where(moving, cut_r, base.length)
-        has_tail = base.length > end
-        stop = torch.where(moving, end.clamp(max=state.limit), base.length)
-        drawn, cost = lm.extend(base, start, stop, generator)
-        forward = drawn.total("logq", start)
-        full_window = (drawn.length == end) & ~drawn.finished()
-        valid = moving & torch.where(has_tail, full_window, drawn.complete())
-        # Valid tries of a chain with a tail take that tail back; it is rescored under the new window.
-        splice = valid & has_tail
-        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
-        spliced = drawn.with_(
-            tokens=torch.where(from_old, base.tokens, drawn.tokens),
-            length=torch.where(splice, base.length, drawn.length),
-        )
-        proposed, rescored = lm.score(spliced, torch.where(splice, end, spliced.length))
+        windows = self.draw_windows(target, state, cut, num_tries, generator)
+        splice = windows.valid & windows.has_tail
+        proposed, rescored = target.lm.score(windows.spliced, torch.where(splice, windows.end, windows.spliced.length))
+        forward, width, valid, cost = windows.forward, windows.width, windows.valid, windows.cost
         start_x = torch.where(cut >= 0, cut, state.length)
         reverse = state.total("logq", start_x, start_x + width)
         shape = (state.num_rows, num_tries)
@@ -307,5 +289,67 @@ class WindowProposal:
             cost=per_chain(cost + rescored, num_tries),
         )
 
+    def draw_windows(
+        self,
+        target: PowerDistribution,
+        state: Sequences,
+        cut: torch.Tensor,
+        num_tries: int,
+        generator: torch.Generator | None,
+    ) -> Windows:
+        """Draw ``num_tries`` windows per chain from ``self.policy`` and splice x's tail back where the try is valid
+        (not yet rescored): the move both this proposal and variants that rescore differently share."""
+        _check_tries(num_tries)
+        pick = categorical(self.weights, state.num_rows, generator, state.stream)
+        width = self.widths[pick].to(state.device)
+        base, cut_r = replicate(state, cut, num_tries)
+        end = cut_r + (width.repeat_interleave(num_tries) if num_tries > 1 else width)
+        moving = cut_r >= 0
+        start = torch.where(moving, cut_r, base.length)
+        has_tail = base.length > end
+        stop = torch.where(moving, end.clamp(max=state.limit), base.length)
+        drawn, cost = target.lm.extend(base.with_(policy=self.policy), start, stop, generator)
+        full_window = (drawn.length == end) & ~drawn.finished()
+        valid = moving & torch.where(has_tail, full_window, drawn.complete())
+        # Valid tries of a chain with a tail take that tail back; it is rescored under the new window.
+        splice = valid & has_tail
+        from_old = splice.unsqueeze(1) & (base.positions() >= end.unsqueeze(1))
+        spliced = drawn.with_(
+            tokens=torch.where(from_old, base.tokens, drawn.tokens),
+            length=torch.where(splice, base.length, drawn.length),
+        )
+        return Windows(spliced, drawn.total("logq", start), start, end, width, moving, has_tail, valid, cost)
+
     def __repr__(self) -> str:
         return f"WindowProposal({self.policy.describe()}, widths={self.widths.tolist()})"
+
+
+@dataclass
+class Windows:
+    """What :meth:`WindowProposal.draw_windows` drew: ``C * k`` rows and, per row, the window's bounds.
+
+    Attributes
+    ----------
+    spliced : Sequences
+        The tries with x's tail put back where valid (statistics of the tail not yet rescored).
+    forward : torch.Tensor
+        ``log q(window)`` under the drawing policy, per row.
+    start, end : torch.Tensor
+        The window's first position and its end (``start + W``) per row.
+    width : torch.Tensor
+        ``W`` per chain.
+    moving, has_tail, valid : torch.Tensor
+        Per row: the chain has a cut; x has a tail past the window; the try is a candidate.
+    cost : Cost
+        The draw's cost per row.
+    """
+
+    spliced: Sequences
+    forward: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    width: torch.Tensor
+    moving: torch.Tensor
+    has_tail: torch.Tensor
+    valid: torch.Tensor
+    cost: Cost
