@@ -37,7 +37,9 @@ test: lint test-arviz1
 ARVIZ1_VENV := .venv-arviz1
 ARVIZ1_BIN := $(ARVIZ1_VENV)/bin
 ARVIZ1_TESTS := tests/test_diagnostics.py tests/test_cli.py 'tests/test_notebooks.py::test_notebook_executes[03_diagnostics]' \
-	tests/test_docs.py::test_readme_python_examples_run
+	tests/test_docs.py::test_readme_python_examples_run \
+	tests/test_batched.py::test_mcmc_over_a_plate_exports_one_problem_dimension \
+	tests/test_batched.py::test_egps_sample_with_several_prompts
 
 $(ARVIZ1_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(ARVIZ1_VENV)
