@@ -24,7 +24,9 @@ Alongside, the **mixing** comparison: for each MCMC method, ``--mix-chains`` cha
 R-hat and bulk ESS of log p and of the indicator "answer = the reference's most likely answer", and bulk ESS
 per 1,000 decode tokens.
 
-Writes ``<out>/fidelity.json`` and ``<out>/fidelity.png``.
+Writes ``<out>/fidelity.json`` and ``<out>/fidelity.png``. Every stage (each reference run, each method at each
+budget, each mixing run) is saved to ``<out>/fidelity_parts/`` as it finishes, with the settings it ran under;
+rerunning the command reuses the stages whose settings match, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -76,15 +78,29 @@ def noise_floor(reference: dict[Any, float], n: int, reps: int = 400, seed: int 
 
 
 def _answers(task: Any, lm: Any, problem: Any, seqs: Any) -> list[Any]:
-    return [task.extract(lm.decode(seqs.row_tokens(r))) for r in range(seqs.num_rows)]
+    return [str(task.extract(lm.decode(seqs.row_tokens(r)))) for r in range(seqs.num_rows)]
+
+
+def _stage(folder: Path, name: str, settings: dict[str, Any], compute: Any) -> Any:
+    """``compute()``, or its saved value from an earlier run with the same ``settings`` (JSON in ``folder``)."""
+    path = folder / f"{name}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["value"]
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "value": value}))
+    tmp.replace(path)
+    return value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from egps_ppl.evals.tasks import load_task
-    from egps_ppl.infer import MCMC, MCMCSampler
+    from egps_ppl.infer import MCMCSampler
     from egps_ppl.infer.batched import Unit, run_units
     from egps_ppl.infer.smc import PowerSMC
-    from egps_ppl.kernels.presets import build_kernel
     from egps_ppl.models.registry import load_model
     from egps_ppl.target import PowerDistribution
 
@@ -98,15 +114,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outs = {o.key: o for o in run_units(sampler, lm, units, args.alpha, args.max_new_tokens, args.batch)}
         return [outs[i] for i in range(len(problems))]
 
+    parts = Path(args.out) / "fidelity_parts"
+    common = {"model": args.model, "task": args.task, "problems": args.problems, "alpha": args.alpha,
+              "max_new_tokens": args.max_new_tokens}  # fmt: skip
+
+    def ref_mh_answers() -> list[list[str]]:
+        sampler = MCMCSampler("mh", steps=args.ref_steps, num_chains=args.ref_chains, select="first")
+        return [_answers(task, lm, p, o.result.samples) for p, o in zip(problems, chains_of(sampler, 1), strict=True)]
+
+    def ref_smc_answers() -> list[dict[str, Any]]:
+        outs = chains_of(PowerSMC(num_particles=args.ref_particles, check_every=args.ess_every), 2)
+        return [
+            {
+                "answers": _answers(task, lm, p, o.result.samples),
+                "weights": o.result.log_weights.exp().tolist(),
+                "ess": float(o.result.extra["final_ess"]),
+            }
+            for p, o in zip(problems, outs, strict=True)
+        ]
+
     # Reference: long MH chains and Power-SMC, independently.
-    ref_mh = chains_of(MCMCSampler("mh", steps=args.ref_steps, num_chains=args.ref_chains, select="first"), 1)
-    smc = PowerSMC(num_particles=args.ref_particles, check_every=args.ess_every)
-    ref_smc = chains_of(smc, 2)
+    ref_mh = _stage(parts, "reference-mh", {**common, "chains": args.ref_chains, "steps": args.ref_steps},
+                    ref_mh_answers)  # fmt: skip
+    ref_smc = _stage(parts, "reference-smc", {**common, "particles": args.ref_particles, "ess_every": args.ess_every},
+                     ref_smc_answers)  # fmt: skip
     per_problem = []
     for i, problem in enumerate(problems):
-        mh_hist = histogram(_answers(task, lm, problem, ref_mh[i].result.samples))
-        weights = ref_smc[i].result.log_weights.exp().tolist()
-        smc_hist = histogram(_answers(task, lm, problem, ref_smc[i].result.samples), weights)
+        mh_hist = histogram(ref_mh[i])
+        smc_hist = histogram(ref_smc[i]["answers"], ref_smc[i]["weights"])
         keys = set(mh_hist) | set(smc_hist)
         reference = {k: 0.5 * (mh_hist.get(k, 0.0) + smc_hist.get(k, 0.0)) for k in keys}
         per_problem.append(
@@ -116,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "reference": reference,
                 "mh_vs_smc_tv": round(tv(mh_hist, smc_hist), 4),
                 "mh_noise_floor": round(noise_floor(reference, args.ref_chains), 4),
-                "smc_ess": round(float(ref_smc[i].result.extra["final_ess"]), 1),
+                "smc_ess": round(ref_smc[i]["ess"], 1),
                 "top_answer": max(reference, key=reference.get),
             }
         )
@@ -131,13 +166,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from egps_ppl.infer.samplers import LowTempSampler
 
     for name, steps, sampler in samplers:
-        sampler = sampler or LowTempSampler(n=args.chains)
-        outs = chains_of(sampler, 3)
+
+        def method_answers(sampler: Any = sampler) -> list[dict[str, Any]]:
+            outs = chains_of(sampler or LowTempSampler(n=args.chains), 3)
+            return [
+                {
+                    "answers": _answers(task, lm, p, o.result.samples),
+                    "decode_per_chain": float(o.result.cost.decode_tokens.sum()) / args.chains,
+                }
+                for p, o in zip(problems, outs, strict=True)
+            ]
+
+        label = name if steps is None else f"{name}-steps{steps}"
+        runs = _stage(parts, f"curve-{label}", {**common, "chains": args.chains}, method_answers)
         tvs, decode = [], []
-        for i, problem in enumerate(problems):
-            hist = histogram(_answers(task, lm, problem, outs[i].result.samples))
-            tvs.append(tv(hist, per_problem[i]["reference"]))
-            decode.append(float(outs[i].result.cost.decode_tokens.sum()) / args.chains)
+        for i in range(len(problems)):
+            tvs.append(tv(histogram(runs[i]["answers"]), per_problem[i]["reference"]))
+            decode.append(runs[i]["decode_per_chain"])
         curves.setdefault(name, []).append(
             {
                 "steps": steps,
@@ -152,29 +197,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         rows = []
         for i, problem in enumerate(problems[: args.mix_problems]):
-            target = PowerDistribution(lm, prompts[i], args.alpha, args.max_new_tokens)
-            mcmc = MCMC(
-                build_kernel(method, target), num_samples=args.mix_steps, num_chains=args.mix_chains, seed=i,
-                progress=False,
-            ).run()  # fmt: skip
-            summary = mcmc.summary()
-            tokens = mcmc.get_samples()["tokens"]  # [chain, draw, position]
             top = per_problem[i]["top_answer"]
-            indicator = np.array(
-                [[float(str(task.extract(lm.decode([t for t in draw if t >= 0]))) == top) for draw in chain]
-                 for chain in tokens]
-            )  # fmt: skip
-            decode = float(mcmc.total_cost().decode_tokens.sum())
-            rows.append(
-                {
-                    "problem_id": problem.id,
-                    "rhat_log_p": _get(summary, "rhat", "log_p"),
-                    "ess_bulk_log_p": _get(summary, "ess_bulk", "log_p"),
-                    "ess_bulk_answer": _ess(indicator),
-                    "rhat_answer": _rhat(indicator),
-                    "decode_tokens": decode,
-                }
-            )
+            settings = {**common, "chains": args.mix_chains, "steps": args.mix_steps, "top": top}
+            target = PowerDistribution(lm, prompts[i], args.alpha, args.max_new_tokens)
+
+            def mix(target: Any = target, method: str = method, problem: Any = problem, i: int = i) -> dict:
+                return _mixing_row(task, lm, target, method, problem, i, per_problem[i]["top_answer"], args)
+
+            rows.append(_stage(parts, f"mixing-{method}-{i}", settings, mix))
         ess_per_k = [1000 * r["ess_bulk_log_p"] / r["decode_tokens"] for r in rows if r["ess_bulk_log_p"] is not None]
         ans_per_k = [1000 * r["ess_bulk_answer"] / r["decode_tokens"] for r in rows if r["ess_bulk_answer"] is not None]
         mixing[method] = {
@@ -183,6 +213,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ess_answer_per_1k_decode": round(float(np.mean(ans_per_k)), 3) if ans_per_k else None,
         }
     return {"problems": per_problem, "curves": curves, "mixing": mixing}
+
+
+def _mixing_row(task: Any, lm: Any, target: Any, method: str, problem: Any, seed: int, top: str, args: Any) -> dict:
+    """R-hat and bulk ESS of log p and of the answer indicator from ``--mix-chains`` recorded chains."""
+    from egps_ppl.infer import MCMC
+    from egps_ppl.kernels.presets import build_kernel
+
+    mcmc = MCMC(
+        build_kernel(method, target), num_samples=args.mix_steps, num_chains=args.mix_chains, seed=seed,
+        progress=False,
+    ).run()  # fmt: skip
+    summary = mcmc.summary()
+    tokens = mcmc.get_samples()["tokens"]  # [chain, draw, position]
+    indicator = np.array(
+        [[float(str(task.extract(lm.decode([t for t in draw if t >= 0]))) == top) for draw in chain]
+         for chain in tokens]
+    )  # fmt: skip
+    return {
+        "problem_id": problem.id,
+        "rhat_log_p": _get(summary, "rhat", "log_p"),
+        "ess_bulk_log_p": _get(summary, "ess_bulk", "log_p"),
+        "ess_bulk_answer": _ess(indicator),
+        "rhat_answer": _rhat(indicator),
+        "decode_tokens": float(mcmc.total_cost().decode_tokens.sum()),
+    }
 
 
 def _get(summary: dict[str, Any], key: str, var: str) -> float | None:

@@ -6,13 +6,14 @@ Run from the repository root (``make gpu-check``)::
     python tools/gpu_check.py --skip-tests         # throughput only
     python tools/gpu_check.py --device cpu --quick # the script's own logic on tiny shapes (tests/test_hf.py runs it)
 
-(a) runs ``pytest tests/test_hf.py tests/test_batched.py tests/test_kv_pool.py`` with ``EGPS_TEST_DEVICE`` set to
-the device, so the exactness tests (cached vs recomputed to 1e-9 in float64, tiny GPT-2 and tiny Llama) build
-their models there. (b) builds ``random-qwen2.5-0.5b`` and ``random-qwen2.5-1.5b`` (random weights, nothing
-downloaded) in ``--dtype`` (bfloat16 by default) and measures, per batch size C: sampling C completions from
-scratch (decode tokens/s), MH steps with the KV pool (tokens/s, acceptance), one proposal from the middle of the
-completion with the pool against recomputation from the prompt, and the peak device memory. One JSON object goes
-to stdout (and to ``--out``). Without a CUDA device it stops at once with one line on stderr and exit status 2.
+(a) runs ``pytest tests/test_hf.py tests/test_batched.py tests/test_kv_pool.py tests/test_shared_prefix.py`` with
+``EGPS_TEST_DEVICE`` set to the device, so the exactness tests (cached vs recomputed to 1e-9 in float64, tiny GPT-2
+and tiny Llama; the shared-prefix attention against the copied layout) build their models there. (b) builds
+``random-qwen2.5-0.5b`` and ``random-qwen2.5-1.5b`` (random weights, nothing downloaded) in ``--dtype`` (bfloat16 by
+default) and measures, per batch size C: sampling C completions from scratch (decode tokens/s), MH steps with the KV
+pool (tokens/s, acceptance), one proposal from the middle of the completion with the pool against recomputation from
+the prompt, and the peak device memory. One JSON object goes to stdout (and to ``--out``). Without a CUDA device it
+stops at once with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ("tests/test_hf.py", "tests/test_batched.py", "tests/test_kv_pool.py")
+TESTS = ("tests/test_hf.py", "tests/test_batched.py", "tests/test_kv_pool.py", "tests/test_shared_prefix.py")
 QUICK_TESTS = ("tests/test_kv_pool.py::test_compacting_a_sorted_prefix_is_a_view_and_equals_the_gather",)
 SIZES = ("0.5b", "1.5b")
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

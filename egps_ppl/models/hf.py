@@ -49,6 +49,7 @@ from egps_ppl.errors import EGPSError, ModelFileError
 from egps_ppl.models.base import Cost, LanguageModel, NextToken, next_token_stats, sample_tokens
 from egps_ppl.models.kv_pool import KVPool
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.models.shared_prefix import ATTENTION, SharedPrefix, active_prefix, common_length, register
 from egps_ppl.state import PAD, Sequences
 
 _DTYPES = {
@@ -63,6 +64,9 @@ _DTYPES = {
     "float64": torch.float64,  # for exact comparisons in tests; slow
     "fp64": torch.float64,
 }
+
+PREFIX_MEMO = 8
+"""Shared prefixes a backend keeps (most recent first): enough for a batch, its refills and the next problems."""
 
 STATS_BUDGET = 2**25
 """Most logits (rows x vocabulary) turned into statistics at once, to bound float32 temporaries."""
@@ -135,6 +139,14 @@ class HFModel(LanguageModel):
     compact_below:
         After ``Sequences.where``/``take``, compact the pool when every row uses at most this fraction of its slots
         (``0`` never compacts; ``1`` compacts whenever no row uses all slots).
+    share_prefix:
+        Store the prompt positions all rows have in common once (a
+        :class:`~egps_ppl.models.shared_prefix.SharedPrefix`: the few-shot part of a task's prompts, or one prompt
+        for all its chains and tries) and attend to it with the ``"egps_shared_prefix"`` attention, instead of
+        copying it into every row (default). It switches a model that uses SDPA attention (``transformers``'
+        default) to that implementation, which is SDPA when no prefix is active; a model loaded with another
+        attention implementation keeps it and the copied layout, and one whose attention fails a one-call
+        self-check at construction keeps SDPA and the copied layout, with a warning.
     """
 
     requires_prompt = True
@@ -148,6 +160,7 @@ class HFModel(LanguageModel):
         reuse_cache: bool = True,
         chunk_size: int = 512,
         compact_below: float = 0.5,
+        share_prefix: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -175,6 +188,38 @@ class HFModel(LanguageModel):
             )
             self.reuse_cache = False
         self._prompt_memo: tuple[tuple[int, ...], KVPool] | None = None
+        self._prefixes: list[SharedPrefix] = []
+        self.share_prefix = bool(share_prefix) and self.reuse_cache and self._enable_shared_prefix()
+
+    def _enable_shared_prefix(self) -> bool:
+        """Switch the model to shared-prefix attention if one self-check call agrees with the copied layout."""
+        original = getattr(self.model.config, "_attn_implementation", None)
+        if original not in ("sdpa", ATTENTION):
+            return False  # an implementation the user chose (eager, flash, ...) is kept: no sharing
+        try:
+            register()
+            self.model.set_attn_implementation(ATTENTION)
+            ids = (torch.arange(6) * 7 + 3) % self.vocab_size
+            full = ids.view(1, -1).to(self.device)
+            one = torch.ones(1, dtype=torch.long)
+            policy = PowerPolicy()
+            whole = self._feed(KVPool.empty(1, self.device), full, 0 * one, 6 * one, policy, 6 * one, 0).last
+            head = self._feed(KVPool.empty(1, self.device), full, 0 * one, 3 * one, policy, 6 * one, 0).pool
+            prefix = SharedPrefix(tuple(ids[:3].tolist()), head.keys, head.values)
+            split = self._feed(KVPool.empty(1, self.device, prefix), full, 3 * one, 6 * one, policy, 6 * one, 0).last
+            if self.model.dtype in (torch.float32, torch.float64):
+                agree = torch.allclose(whole.logp, split.logp, atol=1e-3, rtol=0)
+            else:  # half precision: rounding differs by an ulp or two per layer; a wrong attention is far off
+                agree = torch.allclose(whole.logp.exp(), split.logp.exp(), atol=5e-2, rtol=0)
+            if not agree:
+                raise EGPSError("shared-prefix attention disagrees with the model's own attention")
+            return True
+        except Exception as exc:
+            if original is not None:
+                with contextlib.suppress(Exception):
+                    self.model.set_attn_implementation(original)
+            warnings.warn(f"{self.name}: prefix sharing is off ({_short(exc)})", stacklevel=3)
+            return False
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -341,7 +386,7 @@ class HFModel(LanguageModel):
         keep_d = keep.to(dev)
         if self._keep_logits:
             kwargs["logits_to_keep"] = keep_d
-        with torch.no_grad():
+        with torch.no_grad(), active_prefix(pool.prefix):
             out = self.model(**kwargs)
         logits = out.logits
         if logits.dim() == 3:
@@ -450,6 +495,8 @@ class HFModel(LanguageModel):
             return KVPool.empty(seqs.num_rows, self.device)
         if not isinstance(cache, KVPool) or cache.num_rows != seqs.num_rows:
             raise EGPSError(f"{self.name}: Sequences.cache is not this backend's KV pool (rows do not match)")
+        if cache.prefix is not None and not cache.prefix_matches(self._full_tokens(seqs)):
+            return cache.rebase(None)  # a row that does not start with the prefix: its slots are then checked
         return cache
 
     def _full_tokens(self, seqs: Sequences) -> torch.Tensor:
@@ -497,6 +544,8 @@ class HFModel(LanguageModel):
         """
         if not self.reuse_cache:
             return None
+        if self.share_prefix:
+            return self._shared_prompt_cache(prompt, num_rows)
         if prompt.dim() == 2:
             distinct, inverse = torch.unique(prompt, dim=0, return_inverse=True)
             if distinct.shape[0] == 1:
@@ -530,6 +579,55 @@ class HFModel(LanguageModel):
             self.compact_below,
         )
         return pool.snapshotted()
+
+    def _shared_prompt_cache(self, prompt: torch.Tensor, num_rows: int) -> KVPool:
+        """The prompts' pool over a shared prefix: the positions every prompt has in common (at most all but each
+        prompt's last token) come from :meth:`_shared_prefix`; each distinct prompt's remaining positions, up to
+        ``P - 2``, are computed in one batched call and its rows selected."""
+        if prompt.dim() == 1:
+            distinct, inverse = prompt.view(1, -1), torch.zeros(num_rows, dtype=torch.long)
+        else:
+            distinct, inverse = torch.unique(prompt, dim=0, return_inverse=True)
+        lengths = (distinct != PAD).sum(1)
+        most = max(int(lengths.min()) - 1, 0)
+        same = (distinct[:, :most] == distinct[:1, :most]).all(0)
+        n = int(same.long().cumprod(0).sum())
+        prefix = self._shared_prefix([int(t) for t in distinct[0, :n]])
+        pool = KVPool.empty(len(distinct), self.device, prefix)
+        if bool((lengths - 1 > n).any()):
+            hi = (lengths - 1).clamp(min=n)
+            pool = self._feed(pool, distinct, torch.full_like(lengths, n), hi, PowerPolicy(), lengths, 0).pool
+        pool = pool.rows(inverse.to(self.device))
+        return dataclasses.replace(pool, history=(), compact_below=self.compact_below).snapshotted()
+
+    def _shared_prefix(self, tokens: list[int]) -> SharedPrefix | None:
+        """The shared prefix holding ``tokens``: a remembered one, or the longest remembered part of it extended by
+        one call over the rest (a small trie over recent prompts, most recent first)."""
+        if not tokens:
+            return None
+        key = tuple(tokens)
+        best, best_len = None, 0
+        for known in self._prefixes:
+            if known.tokens == key:
+                self._prefixes.remove(known)
+                self._prefixes.insert(0, known)
+                return known
+            m = common_length(known.tokens, key)
+            if m > best_len:
+                best, best_len = known, m
+        base = None if best is None else best.truncated(best_len)
+        if best_len == len(key):
+            prefix = base
+        else:
+            full = torch.tensor([tokens], dtype=torch.long)
+            one = torch.ones(1, dtype=torch.long)
+            pool = KVPool.empty(1, self.device, base)
+            fed = self._feed(pool, full, best_len * one, len(key) * one, PowerPolicy(), len(key) * one, 0).pool
+            rest = SharedPrefix(key[best_len:], fed.keys, fed.values)
+            prefix = rest if base is None else base.extended(rest)
+        assert prefix is not None
+        self._prefixes = [prefix, *self._prefixes][:PREFIX_MEMO]
+        return prefix
 
     def extend(
         self,

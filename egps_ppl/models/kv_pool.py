@@ -20,6 +20,12 @@ Bounded memory: stale slots are dropped by :meth:`KVPool.compact` (a slice when 
 first, else one gather), which the backend applies right after a cut that left many stale slots (before decoding)
 and after ``take``/``where`` when every row uses at most ``compact_below`` of the slots; :meth:`KVPool.scatter`
 reassembles a batch from row groups with one copy per row (``Mixture``).
+
+Shared prefix: a pool may hold a :class:`~egps_ppl.models.shared_prefix.SharedPrefix` (``prefix``), the keys and
+values of positions ``0..n-1`` stored once for all rows (the few-shot part of every prompt, a whole prompt shared by
+its chains and tries). Every row of such a pool starts with those tokens, and its slots hold positions ``>= n``
+only. Pools with different prefixes are combined after :meth:`KVPool.rebase` to their common part (the positions
+a pool gives up are copied into its rows' slots), so every operation stays exact.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+from egps_ppl.models.shared_prefix import SharedPrefix, common_length
 
 _UIDS = itertools.count(1)
 MAX_HISTORY = 32
@@ -63,6 +71,8 @@ class KVPool:
     compact_below:
         After :meth:`take` and :meth:`where`, compact the pool when every row uses at most this fraction of its
         slots (set by the backend; 0 compacts only pools with no valid slot left).
+    prefix:
+        Keys/values of positions ``0..n-1`` shared by every row (``None``: none); slots then hold positions ``>= n``.
 
     Notes
     -----
@@ -77,13 +87,19 @@ class KVPool:
     slot_tok: torch.Tensor
     history: tuple[Snapshot, ...] = ()
     compact_below: float = 0.0
+    prefix: SharedPrefix | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def empty(cls, num_rows: int, device: torch.device | str) -> KVPool:
-        """A pool with no slots."""
+    def empty(cls, num_rows: int, device: torch.device | str, prefix: SharedPrefix | None = None) -> KVPool:
+        """A pool with no slots (rows hold only ``prefix``, if any)."""
         none = torch.empty(num_rows, 0, dtype=torch.long, device=device)
-        return cls((), (), none, none.clone(), ())
+        return cls((), (), none, none.clone(), (), prefix=prefix)
+
+    @property
+    def prefix_length(self) -> int:
+        """Positions held by the shared prefix (0 without one)."""
+        return 0 if self.prefix is None else self.prefix.length
 
     @property
     def num_rows(self) -> int:
@@ -128,6 +144,7 @@ class KVPool:
             torch.cat([self.slot_tok, new_tok], 1),
             self.history,
             self.compact_below,
+            self.prefix,
         )
 
     def snapshotted(self) -> KVPool:
@@ -138,7 +155,12 @@ class KVPool:
 
     # ----------------------------------------------------------------- row edits
     def cut(self, keep_below: torch.Tensor) -> KVPool:
-        """Invalidate, per row, every slot holding a position ``>= keep_below[c]`` (no data is touched)."""
+        """Invalidate, per row, every slot holding a position ``>= keep_below[c]`` (no data is touched).
+
+        A cut inside the shared prefix first rebases the pool onto the prefix's part below the lowest cut.
+        """
+        if self.prefix is not None and bool((keep_below < self.prefix.length).any()):
+            return self.rebase(self.prefix.truncated(int(keep_below.min()))).cut(keep_below)
         drop = self.slot_pos >= keep_below.to(self.device).unsqueeze(1)
         if not drop.any():
             return self
@@ -153,11 +175,13 @@ class KVPool:
         whose token matches ``full_tokens[c, :seq_len[c]]`` (prompt followed by the completion).
 
         Valid slots beyond ``m`` must not be used (the caller cuts them); normally ``m`` covers everything but
-        the last token, and this check only guards against a pool that no longer matches its tokens.
+        the last token, and this check only guards against a pool that no longer matches its tokens. The shared
+        prefix's positions count as held (the caller checked :meth:`prefix_matches` first).
         """
         C, width = full_tokens.shape
+        n = self.prefix_length
         if self.num_slots == 0:
-            return torch.zeros(C, dtype=torch.long, device=self.device)
+            return torch.minimum(torch.full((C,), n, device=self.device), seq_len.to(self.device))
         full = full_tokens.to(self.device)
         pos = self.slot_pos
         inside = (pos >= 0) & (pos < seq_len.to(self.device).unsqueeze(1))
@@ -166,7 +190,71 @@ class KVPool:
         have = torch.zeros(C, width + 1, dtype=torch.bool, device=self.device)
         # Slots that are not ok all land in the spare last column, so they never mark a position as held.
         have.scatter_(1, torch.where(ok, pos, torch.full_like(pos, width)), ok)
-        return have[:, :width].long().cumprod(1).sum(1)
+        have[:, :n] = True
+        return torch.minimum(have[:, :width].long().cumprod(1).sum(1), seq_len.to(self.device))
+
+    def prefix_matches(self, full_tokens: torch.Tensor) -> bool:
+        """Whether every row of ``full_tokens[C, P + T]`` starts with the shared prefix's tokens (true without one)."""
+        if self.prefix is None:
+            return True
+        n = self.prefix.length
+        if full_tokens.shape[1] < n:
+            return False
+        want = torch.as_tensor(self.prefix.tokens, dtype=full_tokens.dtype, device=full_tokens.device)
+        return bool((full_tokens[:, :n] == want).all())
+
+    def rebase(self, prefix: SharedPrefix | None) -> KVPool:
+        """The same rows over ``prefix``, whose tokens must begin this pool's prefix: the positions this pool's
+        prefix held beyond it are copied into every row's slots (first, in position order)."""
+        n_old = self.prefix_length
+        n_new = 0 if prefix is None else prefix.length
+        old_tokens = () if self.prefix is None else self.prefix.tokens
+        if n_new > n_old or (prefix is not None and old_tokens[:n_new] != prefix.tokens):
+            raise ValueError("KVPool.rebase: the new prefix must be a prefix of the pool's shared prefix")
+        if n_new == n_old:
+            return self if prefix is self.prefix else replace(self, prefix=prefix)
+        assert self.prefix is not None
+        C, dev = self.num_rows, self.device
+        head_pos = torch.arange(n_new, n_old, device=dev).expand(C, -1)
+        head_tok = torch.as_tensor(self.prefix.tokens[n_new:], dtype=torch.long, device=dev).expand(C, -1)
+
+        def grow(head: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+            head = head[:, :, n_new:n_old].expand(C, -1, -1, -1)
+            return head.contiguous() if own is None else torch.cat([head, own], 2)
+
+        keys = tuple(grow(h, o) for h, o in itertools.zip_longest(self.prefix.keys, self.keys))
+        values = tuple(grow(h, o) for h, o in itertools.zip_longest(self.prefix.values, self.values))
+        pool = KVPool(
+            keys,
+            values,
+            torch.cat([head_pos, self.slot_pos], 1),
+            torch.cat([head_tok, self.slot_tok], 1),
+            (),
+            self.compact_below,
+            prefix,
+        )
+        return pool.snapshotted()
+
+    @staticmethod
+    def common_base(pools: Sequence[KVPool]) -> list[KVPool]:
+        """``pools`` rebased onto one prefix: the longest prefix common to all (a pool with no slots and no prefix
+        adopts it, since a prefix is valid for any row whose tokens start with it)."""
+        prefixes = [p.prefix for p in pools if p.prefix is not None or p.num_slots > 0]
+        if not prefixes or all(q is prefixes[0] for q in prefixes):
+            base = prefixes[0] if prefixes else None
+        elif any(q is None for q in prefixes):
+            base = None
+        else:
+            shortest = min(prefixes, key=lambda q: q.length)
+            n = min(common_length(shortest.tokens, q.tokens) for q in prefixes)
+            base = shortest.truncated(n)
+        out = []
+        for p in pools:
+            if p.prefix is None and p.num_slots == 0:
+                out.append(replace(p, prefix=base))
+            else:
+                out.append(p.rebase(base))
+        return out
 
     # ----------------------------------------------------------------- the RowCache protocol
     def take(self, index: torch.Tensor) -> KVPool:
@@ -193,6 +281,7 @@ class KVPool:
             self.slot_tok.index_select(0, idx),
             tuple(Snapshot(s.uid, s.size, s.rows[cpu_idx]) for s in self.history),
             self.compact_below,
+            self.prefix,
         )
 
     def descends_from(self, current: KVPool, rows: torch.Tensor) -> bool:
@@ -231,6 +320,8 @@ class KVPool:
             return other
         if not bool(choose.any()):
             return current
+        if current.prefix is not other.prefix:
+            current, other = KVPool.common_base([current, other])
         if other.descends_from(current, ~take_other):
             cur_pos, cur_tok = current._padded_positions(other.num_slots)
             return replace(
@@ -244,6 +335,8 @@ class KVPool:
     def select(take_other: torch.Tensor, current: KVPool, other: KVPool) -> KVPool:
         """A fresh pool of ``max(S_current, S_other)`` slots: each row copied from the side it chose (its unused
         tail slots zero and invalid). Used when the two pools do not share their slot layout."""
+        if current.prefix is not other.prefix:
+            current, other = KVPool.common_base([current, other])
         width = max(current.num_slots, other.num_slots)
         choose = take_other.to(current.device)
         keep = ~choose
@@ -253,7 +346,7 @@ class KVPool:
         slot_tok = torch.where(choose.unsqueeze(1), oth_tok, cur_tok)
         template = current.keys or other.keys
         if not template:
-            return KVPool((), (), slot_pos, slot_tok, (), current.compact_below).snapshotted()
+            return KVPool((), (), slot_pos, slot_tok, (), current.compact_below, current.prefix).snapshotted()
 
         def pick(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
             ref = template[i]
@@ -266,7 +359,7 @@ class KVPool:
 
         keys = tuple(pick(current.keys, other.keys, i) for i in range(len(template)))
         values = tuple(pick(current.values, other.values, i) for i in range(len(template)))
-        return KVPool(keys, values, slot_pos, slot_tok, (), current.compact_below).snapshotted()
+        return KVPool(keys, values, slot_pos, slot_tok, (), current.compact_below, current.prefix).snapshotted()
 
     @staticmethod
     def scatter(num_rows: int, parts: Sequence[tuple[torch.Tensor, KVPool]]) -> KVPool:
@@ -275,6 +368,9 @@ class KVPool:
 
         Used by :class:`~egps_ppl.kernels.combinators.Mixture` to reassemble the sub-kernels' batches.
         """
+        if len({id(p.prefix) for _, p in parts}) > 1:
+            pools = KVPool.common_base([p for _, p in parts])
+            parts = [(rows, pool) for (rows, _), pool in zip(parts, pools, strict=True)]
         first = parts[0][1]
         device = first.device
         width = max(p.num_slots for _, p in parts)
@@ -282,7 +378,7 @@ class KVPool:
         slot_tok = slot_pos.clone()
         template = next((p.keys for _, p in parts if p.keys), ())
         if not template:
-            return KVPool((), (), slot_pos, slot_tok, (), first.compact_below).snapshotted()
+            return KVPool((), (), slot_pos, slot_tok, (), first.compact_below, first.prefix).snapshotted()
         keys = [t.new_zeros(num_rows, t.shape[1], width, t.shape[3]) for t in template]
         values = [t.new_zeros(num_rows, t.shape[1], width, t.shape[3]) for t in template]
         for rows, pool in parts:
@@ -294,7 +390,7 @@ class KVPool:
             slot_tok[idx, :n] = pool.slot_tok
             for out, src in zip(keys + values, pool.keys + pool.values, strict=True):
                 out[idx, :, :n] = src
-        pool = KVPool(tuple(keys), tuple(values), slot_pos, slot_tok, (), first.compact_below)
+        pool = KVPool(tuple(keys), tuple(values), slot_pos, slot_tok, (), first.compact_below, first.prefix)
         return pool.snapshotted()
 
     # ----------------------------------------------------------------- compaction
@@ -312,7 +408,7 @@ class KVPool:
         if width == self.num_slots:
             return self
         if width == 0:
-            return replace(KVPool.empty(self.num_rows, self.device), compact_below=self.compact_below)
+            return replace(KVPool.empty(self.num_rows, self.device, self.prefix), compact_below=self.compact_below)
         if self._sorted_prefix(width):
             # Every row's valid slots already come first, in position order: a view of the first slots, no copy.
             def cut(t: torch.Tensor) -> torch.Tensor:
@@ -336,6 +432,7 @@ class KVPool:
             slot_tok,
             (),
             self.compact_below,
+            self.prefix,
         )
         return replace(pool, history=pool._snapshot())
 
