@@ -20,7 +20,8 @@ unit, averaged per problem over seeds, with the SE over problems and a 95% boots
 (2,000 resamples), against the reference point (``--reference``, default MH at its largest budget). MCMC points
 also report the share of units whose answer differs from their starting low-temperature sample's.
 
-Writes ``<out>/<task>/frontier.json`` and ``frontier_<task>.png`` (accuracy against decode tokens per unit).
+Writes ``<out>/<task>/frontier.json``, ``frontier.md`` (the table) and ``frontier_<task>.png`` (accuracy against
+decode tokens per unit).
 """
 
 from __future__ import annotations
@@ -199,6 +200,43 @@ def report(points: list[Point], out: Path, reference: str | None, seed: int = 0)
     return result
 
 
+def _diff(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    se = "" if entry["se"] is None else f" ± {entry['se']:.3f}"
+    low, high = entry["ci95"]
+    return f"{entry['diff']:+.3f}{se} [{low:+.2f}, {high:+.2f}] ({entry['units']} units)"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The frontier as a Markdown table: one row per point, cheapest first within each method.
+
+    Examples
+    --------
+    >>> point = {"method": "mh", "budget": 2, "units": 4, "seeds": [0], "accuracy": 0.5,
+    ...          "accuracy_se_seeds": None, "decode_tokens_per_unit": 70.0, "scored_tokens_per_unit": 3.0,
+    ...          "wall_s_per_unit": 0.5, "answer_changed_share": 0.25}
+    >>> print(markdown_table({"reference": "mh-steps2", "points": {"mh-steps2": point}}).splitlines()[2])
+    | mh-steps2 | 4 | 1 | 0.500 | 70 | 3 | 0.50 | 25% | reference |
+    """
+    lines = [
+        "| point | units | seeds | accuracy ± SE (seeds) | decode tok/unit | scored tok/unit | wall s/unit "
+        f"| answer changed | paired diff vs {result['reference']} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    entries = sorted(result["points"].items(), key=lambda kv: (kv[1]["method"], kv[1]["decode_tokens_per_unit"]))
+    for label, e in entries:
+        se = "" if e.get("accuracy_se_seeds") is None else f" ± {e['accuracy_se_seeds']:.3f}"
+        wall = "" if e.get("wall_s_per_unit") is None else f"{e['wall_s_per_unit']:.2f}"
+        changed = "" if e.get("answer_changed_share") is None else f"{100 * e['answer_changed_share']:.0f}%"
+        diff = "reference" if label == result["reference"] else _diff(e.get("vs_reference"))
+        lines.append(
+            f"| {label} | {e['units']} | {len(e['seeds'])} | {e['accuracy']:.3f}{se} | "
+            f"{e['decode_tokens_per_unit']:.0f} | {e['scored_tokens_per_unit']:.0f} | {wall} | {changed} | {diff} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], task: str, path: Path) -> Path:
     fig, axes = new_figure(1, 1, size=(7.0, 4.6))
     ax = axes[0, 0]
@@ -268,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if result["points"]:
+        (out / "frontier.md").write_text(markdown_table(result) + "\n")
     png = plot(result, task_name, out / f"frontier_{task_name}.png") if result["points"] else None
     if args.docs and png is not None:
         Path(args.docs).mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,10 @@ class Sequences:
         ``float64[C, T]`` per position: log p(x_t | h_t) under the base model, log q(x_t | h_t) under
         ``policy``, the Shannon entropy of p(. | h_t) and log sum_v p(v | h_t)^policy.alpha; zero past ``length``.
     limit:
-        Current maximum completion length (``<= T``). The block-wise schedule grows it; a row that reaches
-        ``limit`` without EOS is a valid, unfinished member of the target's support.
+        Current maximum completion length (``<= T``): one ``int`` for the batch, or ``LongTensor[C]`` with one
+        limit per row (rows of different units growing their blocks independently; see :meth:`limit_rows`). The
+        block-wise schedule grows it; a row that reaches its limit without EOS is a valid, unfinished member of
+        the target's support.
     policy:
         The :class:`~egps_ppl.models.policy.PowerPolicy` that ``logq`` and ``logz`` refer to.
     eos_token_id:
@@ -99,7 +101,7 @@ class Sequences:
     logq: torch.Tensor
     entropy: torch.Tensor
     logz: torch.Tensor
-    limit: int
+    limit: int | torch.Tensor
     policy: PowerPolicy
     eos_token_id: int | None
     cache: RowCache | None = None
@@ -195,6 +197,12 @@ class Sequences:
         """``LongTensor[1, T]`` of completion positions, for masks."""
         return torch.arange(self.capacity, device=self.device).unsqueeze(0)
 
+    def limit_rows(self) -> torch.Tensor:
+        """``LongTensor[C]``: the length limit of each row (a batch-wide ``limit`` repeated)."""
+        if torch.is_tensor(self.limit):
+            return self.limit.to(device=self.device, dtype=torch.long)
+        return torch.full((self.num_rows,), int(self.limit), dtype=torch.long, device=self.device)
+
     def valid_mask(self) -> torch.Tensor:
         """``bool[C, T]``: positions holding a completion token."""
         return self.positions() < self.length.unsqueeze(1)
@@ -208,7 +216,7 @@ class Sequences:
 
     def complete(self) -> torch.Tensor:
         """``bool[C]``: rows that cannot grow further (EOS, or at ``limit``)."""
-        return self.finished() | (self.length >= self.limit)
+        return self.finished() | (self.length >= self.limit_rows())
 
     # ----------------------------------------------------------------- sums
     def total(self, stat: str, start: torch.Tensor | None = None, stop: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,6 +260,9 @@ class Sequences:
         if (self.stream is None) != (other.stream is None):
             raise ValueError("Sequences.where: one batch has random streams and the other has none")
         stream = None if self.stream is None else torch.where(take_other, other.stream, self.stream)
+        limit = self.limit
+        if torch.is_tensor(self.limit) or torch.is_tensor(other.limit):
+            limit = torch.where(take_other, other.limit_rows(), self.limit_rows())
         if self.cache is None and other.cache is None:
             cache = None
         elif self.cache is None:
@@ -264,6 +275,7 @@ class Sequences:
             prompt=prompt,
             problem=problem,
             stream=stream,
+            limit=limit,
             tokens=torch.where(mask2, other.tokens, self.tokens),
             length=torch.where(take_other, other.length, self.length),
             logp=torch.where(mask2, other.logp, self.logp),
@@ -282,6 +294,7 @@ class Sequences:
             prompt=self.prompt[index.to(self.prompt.device)] if self.per_row_prompt else self.prompt,
             problem=None if self.problem is None else self.problem[index],
             stream=None if self.stream is None else self.stream[index],
+            limit=self.limit_rows()[index] if torch.is_tensor(self.limit) else self.limit,
             tokens=self.tokens[index],
             length=self.length[index],
             logp=self.logp[index],
@@ -290,6 +303,20 @@ class Sequences:
             logz=self.logz[index],
             cache=cache,
         )
+
+    def concat(self, other: Sequences) -> Sequences:
+        """The rows of this batch followed by those of ``other`` (caches, prompts, problems and streams included).
+
+        Two different batch-wide limits become one limit per row.
+        """
+        a, b = self.num_rows, other.num_rows
+        zeros_a = torch.zeros(a, dtype=torch.long, device=self.device)
+        zeros_b = torch.zeros(b, dtype=torch.long, device=self.device)
+        left = self.take(torch.cat([torch.arange(a, device=self.device), zeros_b]))
+        right = other.take(torch.cat([zeros_a, torch.arange(b, device=self.device)]))
+        if not torch.is_tensor(left.limit) and not torch.is_tensor(right.limit) and left.limit != right.limit:
+            left = left.with_(limit=left.limit_rows())
+        return left.where(torch.arange(a + b, device=self.device) >= a, right)
 
     def truncated(self, start: torch.Tensor) -> Sequences:
         """Rows cut to their first ``start`` tokens (stats past the cut zeroed, cache kept)."""

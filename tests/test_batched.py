@@ -246,12 +246,22 @@ def test_batched_units_on_a_transformers_model_match_across_batch_sizes():
 def test_unbatchable_samplers_are_refused():
     from egps_ppl.infer import load_sampler
     from egps_ppl.infer.batched import Unit, run_units, supports_batching
+    from egps_ppl.infer.samplers import SamplerResult
 
-    sps = load_sampler("sps")
-    assert not supports_batching(sps) and supports_batching(load_sampler("smc"))
-    assert not supports_batching(load_sampler("mh", block_size=4))
+    class OwnSampler:  # a user's sampler: only run(target, generator)
+        name = "own"
+
+        def config(self):
+            return {"name": self.name}
+
+        def run(self, target, generator=None):
+            seqs, cost = target.sample_proposal(1, generator)
+            return SamplerResult(seqs, 0, cost)
+
+    assert supports_batching(load_sampler("sps")) and supports_batching(load_sampler("smc"))
+    assert not supports_batching(OwnSampler())
     with pytest.raises(EGPSError, match="cannot be batched"):
-        next(run_units(sps, MODEL, [Unit(0, [1], 0)], 2.0, 4))
+        next(run_units(OwnSampler(), MODEL, [Unit(0, [1], 0)], 2.0, 4))
 
 
 def test_smc_populations_in_one_batch_match_exact_pi_per_problem():

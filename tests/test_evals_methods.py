@@ -155,17 +155,17 @@ def test_smc_and_sps_are_library_samplers(lm):
     from egps_ppl.infer import PowerSMC, ScalablePowerSampler
 
     target = PowerDistribution(lm, [], 4.0, T)
-    # sps runs with the unit's generator; smc is batched across units, so it runs as one population of the
-    # batched path with per-row streams (egps_ppl.infer.batched).
-    sps = ScalablePowerSampler(top_k=3, rollouts=2, horizon=4)
-    result = _run("sps", lm, seed=7, top_k=3, rollouts=2, horizon=4)
-    drawn = sps.run(target, torch.Generator().manual_seed(7))
-    assert result.completion_ids == drawn.samples.row_tokens(drawn.chosen)
-    assert result.decode_tokens == int(drawn.cost.decode_tokens.sum())
-    result = _run("smc", lm, seed=7, particles=16)
+    # sps and smc are batched across units, so each runs as one population of the batched path with per-row
+    # streams (egps_ppl.infer.batched).
     from egps_ppl.infer.batched import row_seed
     from egps_ppl.rng import Streams
 
+    sps = ScalablePowerSampler(top_k=3, rollouts=2, horizon=4)
+    result = _run("sps", lm, seed=7, top_k=3, rollouts=2, horizon=4)
+    (drawn,) = sps.run_populations(target, target.empty(1).with_(stream=torch.arange(1)), Streams([row_seed(7, 0)]))
+    assert result.completion_ids == drawn.samples.row_tokens(drawn.chosen)
+    assert result.decode_tokens == int(drawn.cost.decode_tokens.sum())
+    result = _run("smc", lm, seed=7, particles=16)
     streams = Streams([row_seed(7, r) for r in range(16)])
     rows = target.empty(16).with_(stream=torch.arange(16))
     (drawn,) = PowerSMC(num_particles=16, check_every=64).run_populations(target, rows, streams)

@@ -53,8 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--batch",
         type=int,
         default=8,
-        help="units (problem x seed) in flight at once (plain, low-temp, best-of-n, smc, MCMC without --block-size; "
-        "sps and block schedules run one at a time); records do not depend on it",
+        help="units (problem x seed) in flight at once, refilled as they finish (every built-in method, sps and "
+        "--block-size included); records do not depend on it",
     )
     ev.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished units")
     ev.add_argument(

@@ -216,9 +216,8 @@ def evaluate(
     config : dict or None
         Extra settings recorded in ``config.json`` (e.g. the command line).
     batch : int
-        Units in flight at once for methods that batch across units (plain, low-temp, best-of-n and MCMC
-        without a block schedule: :func:`batchable`); the others run one unit at a time. A record does not
-        depend on ``batch``.
+        Units in flight at once for methods that batch across units (every built-in sampler: :func:`batchable`);
+        the others (a sampler of your own) run one unit at a time. A record does not depend on ``batch``.
 
     Returns
     -------

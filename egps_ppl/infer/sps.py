@@ -30,12 +30,18 @@ Where it is exact and where it is not
 * Only the pure power target is supported: a target with a ``log_factor`` is rejected.
 
 Everything is batched: the rollouts of all rows, candidates and repetitions (``R·K·M`` rows) go through one
-``lm.extend`` call per step.
+``lm.extend`` call per step. Several units (problem, seed) share that batch through
+:meth:`ScalablePowerSampler.run_populations` and :meth:`ScalablePowerSampler.iter_populations` (used by
+:func:`~egps_ppl.infer.batched.run_units`): every row grows on its own, and with per-row random streams
+(:class:`~egps_ppl.rng.Streams`) each row's candidates, rollouts and choices come from its own stream, so a unit's
+result does not depend on the rows beside it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +50,7 @@ from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.infer.samplers import SamplerResult
 from egps_ppl.models.base import Cost, LanguageModel, next_token_stats, sample_from_cdf
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.rng import Generator
 from egps_ppl.state import PAD, Sequences
 from egps_ppl.target import PowerDistribution
 
@@ -90,7 +97,7 @@ def _rollouts(
     rows: Sequences,
     rollouts: int,
     horizon: int | None,
-    generator: torch.Generator | None,
+    generator: Generator,
 ) -> tuple[torch.Tensor, Cost]:
     """``float64[N, M]`` = (α − 1)·log p(rollout) of ``M`` base-model rollouts after each of the ``N`` rows (which
     already end in their candidate token or block), and the cost summed per row. Rows that are complete (EOS, or
@@ -128,7 +135,7 @@ def rollout_log_weights(
     candidates: torch.Tensor,
     rollouts: int,
     horizon: int | None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> tuple[torch.Tensor, Cost]:
     """Log-weights ``(α − 1)·log p(rollout | prefix, candidate)`` of base-model rollouts after each candidate.
 
@@ -148,8 +155,9 @@ def rollout_log_weights(
         ``limit``); ``None`` = up to ``prefixes.limit`` (normally the target's ``max_new_tokens``), in which case
         ``mean_m exp(weights)`` is an unbiased estimate of ``ζ = Σ_y p(y | h v)^α`` over all futures. A shorter
         horizon truncates the future (it estimates the sum over the first ``H`` tokens of the future only).
-    generator : torch.Generator, optional
-        CPU random generator for the rollouts.
+    generator : torch.Generator or Streams, optional
+        CPU random generator for the rollouts (with :class:`~egps_ppl.rng.Streams`, each rollout draws from the
+        stream of its prefix row).
 
     Returns
     -------
@@ -296,9 +304,9 @@ def next_token_logprobs(lm: LanguageModel, seqs: Sequences) -> tuple[torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------- the sampler
-def _sample_index(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from ``exp(log_probs[R, K])``."""
-    return sample_from_cdf(torch.cumsum(log_probs.exp(), dim=1), generator)
+def _sample_index(log_probs: torch.Tensor, generator: Generator, streams: torch.Tensor | None) -> torch.Tensor:
+    """One draw per row from ``exp(log_probs[R, K])`` (row ``r`` from stream ``streams[r]`` with per-row streams)."""
+    return sample_from_cdf(torch.cumsum(log_probs.exp(), dim=1), generator, streams)
 
 
 def _first_occurrence(tokens: torch.Tensor, groups: int) -> torch.Tensor:
@@ -394,8 +402,8 @@ class ScalablePowerSampler:
 
     # ------------------------------------------------------------------ one step
     def _token_step(
-        self, target: PowerDistribution, work: Sequences, generator: torch.Generator | None
-    ) -> tuple[Sequences, Cost, dict[str, float]]:
+        self, target: PowerDistribution, work: Sequences, generator: Generator
+    ) -> tuple[Sequences, Cost, dict[str, torch.Tensor]]:
         lm = target.lm
         W = work.num_rows
         logp_full, cost, work = next_token_logprobs(lm, work)
@@ -403,7 +411,7 @@ class ScalablePowerSampler:
         top_logp, cand = logp_full.topk(k, dim=1)
         log_w, roll_cost = rollout_log_weights(target, work, cand, self.rollouts, self.horizon, generator)
         log_pi = power_conditional(top_logp, log_w, target.alpha, self.jackknife)
-        choice = _sample_index(log_pi, generator)
+        choice = _sample_index(log_pi, generator, work.stream)
         rows = torch.arange(W)
         token = cand[rows, choice]
         # Statistics of the appended token under the output's policy, from the distribution already computed.
@@ -417,12 +425,12 @@ class ScalablePowerSampler:
             entropy=work.entropy.scatter(1, pos, stats.entropy.unsqueeze(1)),
             logz=work.logz.scatter(1, pos, stats.logz.unsqueeze(1)),
         )
-        info = {"candidate_mass": float(top_logp.exp().sum(1).sum()), "groups": float(W)}
+        info = {"candidate_mass": top_logp.exp().sum(1)}
         return work, cost + roll_cost, info
 
     def _block_step(
-        self, target: PowerDistribution, work: Sequences, generator: torch.Generator | None
-    ) -> tuple[Sequences, Cost, dict[str, float]]:
+        self, target: PowerDistribution, work: Sequences, generator: Generator
+    ) -> tuple[Sequences, Cost, dict[str, torch.Tensor]]:
         lm = target.lm
         W, L = work.num_rows, self.num_candidates
         assert L is not None and self.block_size is not None
@@ -438,15 +446,15 @@ class ScalablePowerSampler:
         kept_rows = blocks.take(flat.to(work.device))
         log_w, roll_cost = _rollouts(target, kept_rows, self.rollouts, self.horizon, generator)
         log_pi = power_conditional(kept_logp, log_w.view(W, k, self.rollouts), target.alpha, self.jackknife)
-        choice = _sample_index(log_pi, generator)
+        choice = _sample_index(log_pi, generator, work.stream)
         chosen = torch.arange(W) * k + choice
         work = kept_rows.take(chosen.to(work.device))
         cost = _grouped_cost(draw_cost, W) + _grouped_cost(roll_cost, W)
-        info = {"distinct_blocks": float(distinct.sum()), "groups": float(W)}
+        info = {"distinct_blocks": distinct.sum(1).to(torch.float64)}
         return work, cost, info
 
     # ------------------------------------------------------------------ the loop
-    def run(self, target: PowerDistribution, generator: torch.Generator | None = None) -> SamplerResult:
+    def run(self, target: PowerDistribution, generator: Generator = None) -> SamplerResult:
         """Draw ``n`` completions (one batch), output the first.
 
         Returns
@@ -457,50 +465,184 @@ class ScalablePowerSampler:
             level, ``mean_candidate_mass`` (average ``Σ_{top-K} p(v | h)``, 1 when the candidates cover p).
         """
         target = _check_target(target)
-        work = target.empty(self.n)
-        out = work.with_(cache=None)
-        fields = {name: getattr(out, name).clone() for name in ("tokens", "length", "logp", "logq", "entropy", "logz")}
-        decode = torch.zeros(self.n, dtype=torch.long)
-        scored = torch.zeros(self.n, dtype=torch.long)
-        calls = 0
-        origin = torch.arange(self.n)  # original row of each working row
-        steps = 0
-        totals: dict[str, float] = {}
+        if target.batched:
+            raise EGPSError("ScalablePowerSampler.run takes a single-prompt target; use run_populations for a plate")
+        (result,) = self.run_populations(target, target.empty(self.n), generator)
+        return result
+
+    def run_populations(
+        self, target: PowerDistribution, seqs: Sequences, generator: Generator = None
+    ) -> list[SamplerResult]:
+        """Run several independent populations of ``n`` draws in one batch: one per unit (problem, seed).
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (a plate over problems, or a single prompt).
+        seqs : Sequences
+            Rows to complete, ``n`` per population, consecutive (normally empty; ``seqs.problem`` names each row's
+            problem). With per-row streams (``seqs.stream`` and a :class:`~egps_ppl.rng.Streams` generator) every
+            draw of a row (its candidates, rollouts and choices) comes from its own stream, so a population's result
+            does not depend on the others.
+        generator : torch.Generator or Streams, optional
+            Source of randomness.
+
+        Returns
+        -------
+        list of SamplerResult
+            One per population, in row order (see :meth:`run`).
+        """
+        n = self.n
+        if seqs.num_rows % n:
+            raise EGPSError(f"{seqs.num_rows} rows are not populations of {n} draws")
+        groups = (seqs.take(torch.arange(g * n, (g + 1) * n, device=seqs.device)) for g in range(seqs.num_rows // n))
+        if seqs.num_rows == n:
+            groups = iter([seqs])
+        results = dict(self.iter_populations(target, groups, generator))
+        return [results[g] for g in range(len(results))]
+
+    def iter_populations(
+        self,
+        target: PowerDistribution,
+        populations: Iterable[Sequences],
+        generator: Generator = None,
+        max_populations: int | None = None,
+    ) -> Iterator[tuple[int, SamplerResult]]:
+        """Run populations of ``n`` rows in one batch, up to ``max_populations`` at a time, each new one joining the
+        batch as soon as another has finished (continuous batching).
+
+        Every row grows on its own (a step appends one token or block to every unfinished row), so with per-row
+        streams a population's result does not depend on which populations share the batch or when it joined.
+
+        Parameters
+        ----------
+        target : PowerDistribution
+            The target (a plate over problems, or a single prompt).
+        populations : iterable of Sequences
+            ``n`` rows each (see :meth:`run_populations`); read lazily, as room frees up in the batch.
+        generator : torch.Generator or Streams, optional
+            Source of randomness.
+        max_populations : int, optional
+            Populations in flight at once (default: all of them).
+
+        Yields
+        ------
+        (int, SamplerResult)
+            A population's position in ``populations`` and its result, as soon as its last row is complete.
+        """
+        target = _check_target(target)
+        if max_populations is not None:
+            check_positive_int("max_populations", max_populations)
         step = self._token_step if self.block_size is None else self._block_step
-        while work.num_rows:
-            work, cost, info = step(target, work, generator)
-            steps += 1
-            for key, value in info.items():
-                totals[key] = totals.get(key, 0.0) + value
-            decode.index_add_(0, origin, cost.decode_tokens.cpu())
-            scored.index_add_(0, origin, cost.scored_tokens.cpu())
-            calls += cost.forward_calls
-            done = work.complete().cpu()
-            if done.any():
-                rows = origin[done]
-                for name, value in fields.items():
-                    value[rows] = getattr(work, name)[done.to(work.device)].cpu()
-                keep = (~done).nonzero().flatten()
-                origin = origin[keep]
-                if keep.numel():
-                    work = work.take(keep.to(work.device))
-                else:
+        source = iter(populations)
+        flight: dict[int, _Population] = {}
+        work: Sequences | None = None
+        owner = torch.zeros(0, dtype=torch.long)  # the population of each working row
+        slot = torch.zeros(0, dtype=torch.long)  # its row within the population
+        joined, more = 0, True
+        while True:
+            while more and (max_populations is None or len(flight) < max_populations):
+                rows = next(source, None)
+                if rows is None:
+                    more = False
                     break
-        fields["tokens"] = torch.where(out.positions() < fields["length"].unsqueeze(1), fields["tokens"], PAD)
-        samples = out.with_(**fields)
+                if rows.num_rows != self.n:
+                    raise EGPSError(f"a population has {self.n} rows (n), got {rows.num_rows}")
+                pop, index = _Population.open(rows), joined
+                joined += 1
+                growing = (~rows.complete()).nonzero().flatten().cpu()
+                pop.left = growing.numel()
+                if not pop.left:
+                    yield index, self._result(pop)
+                    continue
+                flight[index] = pop
+                fresh = rows.take(growing.to(rows.device))
+                work = fresh if work is None else work.concat(fresh)
+                owner = torch.cat([owner, torch.full_like(growing, index)])
+                slot = torch.cat([slot, growing])
+            if work is None:
+                return
+            work, cost, info = step(target, work, generator)
+            decode, scored = cost.decode_tokens.cpu(), cost.scored_tokens.cpu()
+            done = work.complete().cpu()
+            finished = []
+            for index in torch.unique(owner).tolist():
+                pop, mine = flight[index], (owner == index).nonzero().flatten()
+                rows = slot[mine]
+                pop.steps += 1
+                pop.calls += cost.forward_calls
+                pop.decode.index_add_(0, rows, decode[mine])
+                pop.scored.index_add_(0, rows, scored[mine])
+                pop.row_steps.index_add_(0, rows, torch.ones_like(rows))
+                for name, value in info.items():
+                    pop.totals.setdefault(name, torch.zeros(self.n, dtype=torch.float64))
+                    pop.totals[name].index_add_(0, rows, value[mine].cpu().to(torch.float64))
+                ended = mine[done[mine]]
+                if ended.numel():
+                    at = ended.to(work.device)
+                    for name, value in pop.fields.items():
+                        value[slot[ended]] = getattr(work, name)[at].cpu()
+                    pop.left -= ended.numel()
+                    if not pop.left:
+                        finished.append(index)
+            if done.any():
+                keep = (~done).nonzero().flatten()
+                owner, slot = owner[keep], slot[keep]
+                work = work.take(keep.to(work.device)) if keep.numel() else None
+            for index in finished:
+                yield index, self._result(flight.pop(index))
+
+    def _result(self, pop: _Population) -> SamplerResult:
+        """A finished population's :class:`SamplerResult`."""
+        fields = dict(pop.fields)
+        fields["tokens"] = torch.where(
+            pop.rows.positions().cpu() < fields["length"].unsqueeze(1), fields["tokens"], PAD
+        )
+        device = pop.rows.device
+        samples = pop.rows.with_(**{name: value.to(device) for name, value in fields.items()})
         extra: dict[str, Any] = {
             "variant": "token" if self.block_size is None else "block",
-            "steps": steps,
+            "steps": pop.steps,
             "top_k": self.top_k,
             "rollouts": self.rollouts,
             "horizon": self.horizon,
             "block_size": self.block_size,
             "num_candidates": self.num_candidates,
             "jackknife": self.jackknife,
-            "rollout_decode_tokens": int(decode.sum()),
+            "rollout_decode_tokens": int(pop.decode.sum()),
         }
-        if "candidate_mass" in totals:
-            extra["mean_candidate_mass"] = totals["candidate_mass"] / totals["groups"]
-        if "distinct_blocks" in totals:
-            extra["mean_distinct_blocks"] = totals["distinct_blocks"] / totals["groups"]
-        return SamplerResult(samples, 0, Cost(decode, scored, calls), extra=extra)
+        row_steps = float(pop.row_steps.sum())
+        for name, key in (("candidate_mass", "mean_candidate_mass"), ("distinct_blocks", "mean_distinct_blocks")):
+            if name in pop.totals and row_steps:
+                extra[key] = float(pop.totals[name].sum()) / row_steps
+        return SamplerResult(samples, 0, Cost(pop.decode, pop.scored, pop.calls), extra=extra)
+
+
+@dataclass
+class _Population:
+    """One population in flight: its rows as they joined, and their outputs and counters as they finish.
+
+    Per-row totals (cost, ``info`` of the steps, steps taken part in) are kept per row and summed over the rows
+    only at the end, so a population's numbers do not depend on the rows beside it.
+    """
+
+    rows: Sequences
+    fields: dict[str, torch.Tensor]
+    decode: torch.Tensor
+    scored: torch.Tensor
+    row_steps: torch.Tensor
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    left: int = 0
+    steps: int = 0
+    calls: int = 0
+
+    @classmethod
+    def open(cls, rows: Sequences) -> _Population:
+        """The bookkeeping of ``rows`` (their outputs start as the rows themselves)."""
+        rows = rows.with_(cache=None)
+        fields = {name: getattr(rows, name).cpu().clone() for name in _FIELDS}
+        zeros = torch.zeros(rows.num_rows, dtype=torch.long)
+        return cls(rows, fields, zeros, zeros.clone(), zeros.clone())
+
+
+_FIELDS = ("tokens", "length", "logp", "logq", "entropy", "logz")

@@ -95,7 +95,7 @@ class DecisionSuffixProposal:
         moving = cut_r >= 0
         start = torch.where(moving, cut_r, base.length)
         # 1. The token at the cut, from `first`.
-        one = torch.where(moving, (cut_r + 1).clamp(max=state.limit), base.length)
+        one = torch.where(moving, torch.minimum(cut_r + 1, base.limit_rows()), base.length)
         drawn, cost = lm.extend(base.with_(policy=self.first), start, one, generator)
         first_lq = torch.where(moving, _at(drawn.logq, start), torch.zeros_like(start, dtype=torch.float64))
         # 2. Its statistics under `policy` (the state's policy): the normaliser depends only on the prefix.
@@ -112,7 +112,7 @@ class DecisionSuffixProposal:
                 logq=torch.where(at_cut, self.policy.alpha * drawn.logp - logz, drawn.logq),
             )
         # 3. The rest, from `policy`.
-        rest = torch.where(moving, torch.full_like(cut_r, state.limit), drawn.length)
+        rest = torch.where(moving, base.limit_rows(), drawn.length)
         drawn, more = lm.extend(drawn, drawn.length, rest, generator)
         cost = cost + more
         after = torch.where(moving, start + 1, drawn.length)

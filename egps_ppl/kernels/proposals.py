@@ -199,7 +199,7 @@ class SuffixProposal:
         moving = cut_r >= 0
         # Rows without a site sample nothing: they start and stop at their own length.
         start = torch.where(moving, cut_r, base.length)
-        stop = torch.where(moving, torch.full_like(cut_r, state.limit), base.length)
+        stop = torch.where(moving, base.limit_rows(), base.length)
         drawn, cost = target.lm.extend(base, start, stop, generator)
         start_x = torch.where(cut >= 0, cut, state.length)
         shape = (state.num_rows, num_tries)
@@ -307,7 +307,7 @@ class WindowProposal:
         moving = cut_r >= 0
         start = torch.where(moving, cut_r, base.length)
         has_tail = base.length > end
-        stop = torch.where(moving, end.clamp(max=state.limit), base.length)
+        stop = torch.where(moving, torch.minimum(end, base.limit_rows()), base.length)
         drawn, cost = target.lm.extend(base.with_(policy=self.policy), start, stop, generator)
         full_window = (drawn.length == end) & ~drawn.finished()
         valid = moving & torch.where(has_tail, full_window, drawn.complete())

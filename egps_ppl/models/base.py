@@ -407,10 +407,11 @@ class LanguageModel(ABC):
     # ------------------------------------------------------------ helpers for subclasses
     @staticmethod
     def _stop_tensor(seqs: Sequences, stop: torch.Tensor | int | None) -> torch.Tensor:
+        limit = seqs.limit_rows()
         if stop is None:
-            stop = seqs.limit
+            return limit.clone()
         stop_t = torch.as_tensor(stop, dtype=torch.long, device=seqs.device).expand(seqs.num_rows).clone()
-        return stop_t.clamp(max=seqs.limit)
+        return torch.minimum(stop_t, limit)
 
     @staticmethod
     def _check_start(seqs: Sequences, start: torch.Tensor) -> None:
