@@ -18,6 +18,11 @@ previous configuration still holds counts). ``N = 1`` is the one-at-a-time runne
 their records are identical across batch sizes (completion and answer): batching changes the speed, not the
 result.
 
+The backend stores the prompt positions all rows share once (``HFModel(share_prefix=True)``, the default: the
+few-shot part of every arithmetic prompt, and the whole prompt for a unit's chains and tries). ``--copied-batches``
+also runs the given batch sizes with ``share_prefix=False``, the layout before it (every row holds its own copy of
+its prompt's keys and values), for the side-by-side comparison of speed and memory.
+
 Writes ``<out>/batched_eval.json`` and ``<out>/batched_eval.png`` (units per CPU-second and peak memory against
 batch size).
 """
@@ -64,7 +69,9 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def run_config(task: Any, method: Any, lm: Any, todo: list, batch: int, max_new_tokens: int) -> dict[str, Any]:
+def run_config(
+    task: Any, method: Any, lm: Any, todo: list, batch: int, max_new_tokens: int, layout: str = "shared"
+) -> dict[str, Any]:
     """One (method, batch) configuration: every unit of ``todo`` through the batched runner."""
     from egps_ppl.evals.runner import evaluate_batched
 
@@ -74,6 +81,7 @@ def run_config(task: Any, method: Any, lm: Any, todo: list, batch: int, max_new_
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "batch": batch,
+        "layout": layout,
         "units": len(records),
         "seconds": round(seconds, 3),
         "cpu_seconds": round(cpu_seconds, 3),
@@ -97,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--steps", type=int, default=10, help="MCMC kernel steps")
+    parser.add_argument(
+        "--copied-batches", default="", help="batch sizes also run with every row holding its own prompt copy"
+    )
+    parser.add_argument("--copied-methods", default=None, help="methods that get --copied-batches (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--docs", default=None, help="also copy the plot into this folder")
@@ -110,9 +122,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (
         QUICK_BATCHES if args.quick else BATCHES
     )  # fmt: skip
+    copied_batches = tuple(int(b) for b in args.copied_batches.split(",") if b.strip())
     units = args.units or (6 if args.quick else 2 * max(batches))
     model_name = "tiny-gpt2" if args.quick else "smollm2-135m"
     lm = load_model(model_name)
+    copied_lm = load_model(model_name, share_prefix=False) if copied_batches else None
     task = load_task("arithmetic")
     problems = task.problems(units)
     todo = [(i, p, 0) for i, p in enumerate(problems)]
@@ -120,20 +134,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in args.methods.split(","):
         method = load_method(spec, alpha=4.0, steps=args.steps)
         rows = []
-        for batch in batches:
-            row = run_config(task, method, lm, todo, batch, args.max_new_tokens)
+        copied_here = args.copied_methods is None or spec in args.copied_methods.split(",")
+        configs = [(b, "shared", lm) for b in batches]
+        configs += [(b, "copied", copied_lm) for b in copied_batches if copied_here]
+        for batch, layout, model in configs:
+            row = run_config(task, method, model, todo, batch, args.max_new_tokens, layout)
             print(
-                f"{spec:>9} batch {batch:>3}: {row['units_per_second']:.3f} units/s, "
+                f"{spec:>9} batch {batch:>3} {layout}: {row['units_per_second']:.3f} units/s, "
                 f"{row['units_per_cpu_second']:.3f} units/CPU-s, peak {row['peak_rss_mib']} MiB",
                 flush=True,
             )
             rows.append(row)
+            partial = {"rows": [{k: v for k, v in r.items() if k != "records"} for r in rows]}
+            _write(args, model_name, units, batches, threads, {**results, spec: partial})
         base = rows[0]
         for row in rows:
             row["speedup_vs_batch_1"] = round(row["units_per_second"] / base["units_per_second"], 3)
             row["cpu_speedup_vs_batch_1"] = round(row["units_per_cpu_second"] / base["units_per_cpu_second"], 3)
             row["same_records_as_batch_1"] = row["records"] == base["records"]
-        best = max(rows, key=lambda r: r["units_per_cpu_second"])
+        best = max((r for r in rows if r["layout"] == "shared"), key=lambda r: r["units_per_cpu_second"])
         results[spec] = {
             "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows],
             "best_batch": best["batch"],
@@ -159,6 +178,7 @@ def _write(
             "task": "arithmetic",
             "units": units,
             "batches": list(batches),
+            "copied_batches": [int(b) for b in args.copied_batches.split(",") if b.strip()],
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps,
             "threads": threads,
@@ -178,17 +198,23 @@ def _write(
 def _plot(results: dict[str, Any]) -> Any:
     fig, axes = new_figure(1, 2)
     for spec, res in results.items():
-        batch = [r["batch"] for r in res["rows"]]
-        axes[0, 0].plot(batch, [r["cpu_speedup_vs_batch_1"] for r in res["rows"]], marker="o", label=spec)
-        memory = [r["peak_rss_mib"] for r in res["rows"]]
-        if all(m is not None for m in memory):
-            axes[0, 1].plot(batch, memory, marker="o", label=spec)
+        for layout, style in (("shared", "-o"), ("copied", "--s")):
+            rows = [r for r in res["rows"] if r.get("layout", "shared") == layout and "cpu_speedup_vs_batch_1" in r]
+            if not rows:
+                continue
+            label = spec if layout == "shared" else f"{spec} (prompt copied per row)"
+            batch = [r["batch"] for r in rows]
+            axes[0, 0].plot(batch, [r["cpu_speedup_vs_batch_1"] for r in rows], style, label=label)
+            memory = [r["peak_rss_mib"] for r in rows]
+            if all(m is not None for m in memory):
+                axes[0, 1].plot(batch, memory, style, label=label)
     titles = ("units per CPU-second relative to batch 1", "peak resident memory (MiB)")
     for ax, title in zip(axes[0], titles, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("units in flight (--batch)")
         ax.set_title(title)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     axes[0, 0].axhline(1.0, color="0.6", lw=0.8)
     fig.tight_layout()
     return fig

@@ -520,3 +520,29 @@ def test_gpu_check_without_cuda_fails_with_one_line(capsys: pytest.CaptureFixtur
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("gpu_check: no CUDA device")
+
+
+def test_decode_buffers_do_not_wait_for_the_cycle_collector() -> None:
+    # A decode buffer must be freed as soon as no pool refers to it. A reference cycle between a cache layer and
+    # its in-place update once kept one buffer per kernel step alive until Python's cyclic collector ran, so long
+    # runs grew by gigabytes.
+    import gc
+
+    model = tiny_llama()
+    policy = PowerPolicy(alpha=2.0)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        state, _ = model.extend(model.start(model.encode("abc"), 3, 24, policy), torch.zeros(3, dtype=torch.long))
+        for step in range(3):
+            proposal, _ = model.extend(state, state.length // 2, generator=gen(step))
+            state = state.where(torch.tensor([True, False, True]), proposal)
+        del proposal
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not cyclic, f"{len(cyclic)} tensors were only reachable through reference cycles"

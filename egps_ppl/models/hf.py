@@ -386,8 +386,12 @@ class HFModel(LanguageModel):
         keep_d = keep.to(dev)
         if self._keep_logits:
             kwargs["logits_to_keep"] = keep_d
-        with torch.no_grad(), active_prefix(pool.prefix):
-            out = self.model(**kwargs)
+        try:
+            with torch.no_grad(), active_prefix(pool.prefix):
+                out = self.model(**kwargs)
+        finally:
+            if buffer is not None:
+                _SlotBuffer.detach(cache)
         logits = out.logits
         if logits.dim() == 3:
             logits = logits[keep_d] if logits.shape[1] == L else None
@@ -828,6 +832,15 @@ class _SlotBuffer:
             return  # not this buffer's pool: the layers concatenate as usual
         for i, layer in enumerate(cache.layers):
             layer.update = _BufferedUpdate(self, i, layer)
+
+    @staticmethod
+    def detach(cache: Any) -> None:
+        """Undo :meth:`attach`. Each layer and its ``_BufferedUpdate`` refer to each other; left in place, that
+        cycle keeps the layer's keys/values (a whole buffer) alive until Python's cyclic collector runs, which
+        grew a long run's memory by about one pool per kernel step."""
+        for layer in getattr(cache, "layers", ()):
+            if isinstance(layer.__dict__.get("update"), _BufferedUpdate):
+                del layer.update
 
     def release(self, pool: KVPool) -> KVPool:
         """The final pool: views of the buffer, or a copy of the filled part when most of the buffer went unused
