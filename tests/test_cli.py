@@ -284,3 +284,11 @@ def test_a_real_sigint_saves_the_draws_so_far(markov_file, tmp_path):
     assert "egps: interrupted after" in err and "Traceback" not in err
     attrs = load_netcdf(out).posterior.attrs
     assert int(attrs["partial"]) == 1 and 0 < int(attrs["draws_completed"]) < 100000
+
+
+def test_eval_batch_default_is_the_runners():
+    from egps_ppl.cli import build_parser
+    from egps_ppl.evals.runner import DEFAULT_BATCH
+
+    args = build_parser().parse_args(["eval", "--task", "arithmetic", "--method", "mh", "--out", "unused"])
+    assert args.batch == DEFAULT_BATCH

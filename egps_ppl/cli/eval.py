@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument(
         "--batch",
         type=int,
-        default=8,
+        default=32,  # = egps_ppl.evals.runner.DEFAULT_BATCH (not imported here: keeps `egps --help` light)
         help="units (problem x seed) in flight at once, refilled as they finish (every built-in method, sps and "
         "--block-size included); records do not depend on it",
     )

@@ -25,10 +25,11 @@ from egps_ppl.evals.store import ResultWriter, finish_run, plan_run
 from egps_ppl.evals.tasks import Problem, Task
 from egps_ppl.models.base import LanguageModel
 
-DEFAULT_BATCH = 8
-"""Units in flight by default: a middle ground, not a measured optimum. On SmolLM2 (CPU, one thread) MH gained
-2.05x units per CPU-second at 8 and 3.9x at 32, while egps's memory grows with every unit
-(``docs/benchmarks/batched_eval.md``)."""
+DEFAULT_BATCH = 32
+"""Units in flight by default, chosen by ``benchmarks/batched_eval.py`` on SmolLM2 (CPU, one thread) with MH on
+arithmetic problems 0-63 (problems the frontier also evaluates): units per CPU-second grew about 2.2x at 8, 5x at
+32 and 6.3x at 64 against one unit at a time, with peak memory 1.6 -> 2.3 -> 3.0 GB; 32 takes most of the gain at
+three quarters of the memory of 64. Not confirmed on other data (``docs/benchmarks/batched_eval.md``)."""
 
 __all__ = [
     "DEFAULT_BATCH",
