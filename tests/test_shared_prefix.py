@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
-from test_hf import BUILDERS, STATS, _ops, assert_same
+from test_hf import BUILDERS, STATS, _ops, assert_same, one_thread  # noqa: F401 (autouse fixture)
 
 from egps_ppl.infer.batched import concat
 from egps_ppl.kernels import MetropolisHastings, MultipleTryMetropolis
@@ -17,14 +16,6 @@ from egps_ppl.models.policy import PowerPolicy
 from egps_ppl.target import PowerDistribution
 
 HEAD = "Q: add the numbers and answer. "
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
