@@ -19,10 +19,11 @@ def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _single_thread():
-    """The exact-model tests run many small tensor ops: intra-op threads gain nothing there, and on a busy
-    2-core machine their synchronisation makes each op cost milliseconds."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one intra-op thread, restored after each test (a test or a CLI run may change it): the
+    tests run many small tensor ops, where threads gain nothing, and on a busy 2-core machine their
+    synchronisation makes each op cost milliseconds."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

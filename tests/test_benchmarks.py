@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,46 @@ def test_batched_eval_quick(tmp_path: Path) -> None:
         assert all(r["units"] == payload["config"]["units"] and r["units_per_cpu_second"] > 0 for r in rows)
         assert len({r["decode_tokens"] for r in rows}) == 1  # the same work, whatever the batch
     assert (tmp_path / "batched_eval.png").stat().st_size > 0
+
+
+@pytest.fixture
+def presets_restored() -> Iterator[None]:
+    """The ablations register their kernels as presets: other tests see the registry as it was."""
+    from egps_ppl.kernels.presets import PRESETS
+
+    saved = dict(PRESETS)
+    yield
+    PRESETS.clear()
+    PRESETS.update(saved)
+
+
+@pytest.mark.usefixtures("presets_restored")
+def test_ablations_quick(tmp_path: Path) -> None:
+    from benchmarks import ablations
+
+    payload = ablations.main(["--quick", "--out", str(tmp_path)])
+    points = payload["points"]
+    assert set(points) == {p.label for _, p in ablations.quick_points()}
+    assert payload["reference"] == "mh-steps2"
+    assert {e["axis"] for e in points.values()} == {"reference", "tries", "cut"}
+    for label, entry in points.items():
+        assert entry["units"] == 3 and entry["decode_tokens_per_unit"] > 0
+        if label != "mh-steps2":
+            assert entry["vs_reference"]["units"] == 3
+    table = (tmp_path / "arithmetic" / "ablations.md").read_text().splitlines()
+    assert table[0].startswith("| axis | point |") and len(table) == 2 + len(points)
+    assert (tmp_path / "arithmetic" / "ablations_arithmetic.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("presets_restored")
+@pytest.mark.parametrize("name", ["abl-k2", "abl-cut-uniform", "abl-cut-entropy", "abl-first-t0.5", "abl-first-cold"])
+def test_ablation_kernels_leave_pi_invariant(name: str) -> None:
+    from benchmarks.ablations import register
+    from egps_ppl.kernels.presets import build_kernel
+    from egps_ppl.models.markov import MarkovLM
+    from egps_ppl.testing import assert_invariant
+
+    register()
+    lm = MarkovLM([0.4, 0.3, 0.3], [[1 / 3] * 3, [0.45, 0.5, 0.05], [0.2, 0.1, 0.7]], 0)
+    report = assert_invariant(lambda t: build_kernel(name, t), lm, 4.0, 5, num_chains=40_000, steps=2)
+    assert report.num_states > 10

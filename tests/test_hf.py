@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,6 @@ tiny_llama = functools.partial(registry.tiny_llama, device=DEVICE)
 TOL = 1e-4
 STATS = ("logp", "logq", "entropy", "logz")
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny models gain nothing from threads, and oversubscribed OpenMP threads make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

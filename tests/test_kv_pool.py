@@ -4,9 +4,7 @@ live slots already come first, and ``Mixture`` reassembling its parts' rows exac
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-import pytest
 import torch
 
 from egps_ppl.kernels import MetropolisHastings, MultipleTryMetropolis
@@ -21,14 +19,6 @@ from egps_ppl.target import PowerDistribution
 
 DEVICE = os.environ.get("EGPS_TEST_DEVICE", "cpu")
 STATS = ("logp", "logq", "entropy", "logz")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class EarlySite:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_hf import BUILDERS, STATS, _ops, assert_same, one_thread  # noqa: F401 (autouse fixture)
+from test_hf import BUILDERS, STATS, _ops, assert_same
 
 from egps_ppl.infer.batched import concat
 from egps_ppl.kernels import MetropolisHastings, MultipleTryMetropolis

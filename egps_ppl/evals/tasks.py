@@ -443,6 +443,7 @@ def multistep_messages(question: str) -> list[dict[str, str]]:
 
 
 _MULTISTEP_LEVEL: dict[str, Any] = {
+    "steps": (3, 5),  # how many operations a story has
     "bags": 0.3,  # how often the story starts with k bags of m (a multiplication) instead of a count
     "bags_k": (2, 3),
     "bags_m": (2, 4),
@@ -464,7 +465,7 @@ def _multistep_problem(seed: int, index: int, level: dict[str, Any] | None = Non
     lv = _MULTISTEP_LEVEL if level is None else {**_MULTISTEP_LEVEL, **level}
     rng = random.Random(f"egps-multistep:{seed}:{index}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    n_ops = rng.randint(3, 5)
+    n_ops = rng.randint(*lv["steps"])
     ops: list[tuple[Any, ...]] = []
     if rng.random() < lv["bags"]:
         start, count = None, 0

@@ -203,17 +203,9 @@ class HotWindowProposal:
         windows = self._widths.draw_windows(target, state, cut, num_tries, generator)  # drawn at window_policy
         spliced = windows.spliced.with_(policy=self.policy)
         proposed, rescored = target.lm.score(spliced, torch.where(windows.moving, windows.start, spliced.length))
-        forward, width, valid, cost = windows.forward, windows.width, windows.valid, windows.cost
-        start_x = torch.where(cut >= 0, cut, state.length)
-        reverse, reverse_cost = self._window_log_q(target, state, cut, start_x, start_x + width)
-        shape = (state.num_rows, num_tries)
-        return Tries(
-            seqs=proposed,
-            log_q_forward=forward.view(shape),
-            log_q_reverse=reverse.unsqueeze(1).expand(shape),
-            valid=valid.view(shape),
-            cost=per_chain(cost + rescored, num_tries) + reverse_cost,
-        )
+        lo = torch.where(cut >= 0, cut, state.length)
+        reverse, reverse_cost = self._window_log_q(target, state, cut, lo, lo + windows.width)
+        return windows.tries(proposed, rescored, reverse, reverse_cost)
 
     def _window_log_q(
         self, target: PowerDistribution, state: Sequences, cut: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor

@@ -277,17 +277,8 @@ class WindowProposal:
         windows = self.draw_windows(target, state, cut, num_tries, generator)
         splice = windows.valid & windows.has_tail
         proposed, rescored = target.lm.score(windows.spliced, torch.where(splice, windows.end, windows.spliced.length))
-        forward, width, valid, cost = windows.forward, windows.width, windows.valid, windows.cost
-        start_x = torch.where(cut >= 0, cut, state.length)
-        reverse = state.total("logq", start_x, start_x + width)
-        shape = (state.num_rows, num_tries)
-        return Tries(
-            seqs=proposed,
-            log_q_forward=forward.view(shape),
-            log_q_reverse=reverse.unsqueeze(1).expand(shape),
-            valid=valid.view(shape),
-            cost=per_chain(cost + rescored, num_tries),
-        )
+        lo = torch.where(cut >= 0, cut, state.length)
+        return windows.tries(proposed, rescored, state.total("logq", lo, lo + windows.width))
 
     def draw_windows(
         self,
@@ -353,3 +344,20 @@ class Windows:
     has_tail: torch.Tensor
     valid: torch.Tensor
     cost: Cost
+
+    def tries(
+        self, proposed: Sequences, rescored: Cost, log_q_reverse: torch.Tensor, extra: Cost | None = None
+    ) -> Tries:
+        """The :class:`Tries` of these windows once rescored: ``proposed`` (``C * k`` rows), what rescoring
+        cost per row, ``log q`` of x's own window per chain and any further cost per chain (``extra``)."""
+        chains = self.width.shape[0]
+        num_tries = self.valid.shape[0] // chains
+        shape = (chains, num_tries)
+        cost = per_chain(self.cost + rescored, num_tries)
+        return Tries(
+            seqs=proposed,
+            log_q_forward=self.forward.view(shape),
+            log_q_reverse=log_q_reverse.unsqueeze(1).expand(shape),
+            valid=self.valid.view(shape),
+            cost=cost if extra is None else cost + extra,
+        )
