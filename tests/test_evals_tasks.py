@@ -184,7 +184,27 @@ def test_multistep_is_seeded_and_prefix_stable() -> None:
         load_task("multistep:abc")
 
 
-@pytest.mark.parametrize("level", [None, {"weights": {"add": 1, "sub": 1, "split": 1, "packs": 1}}])
+def test_multistep_levels_are_tasks_of_their_own() -> None:
+    from egps_ppl.evals.tasks import MULTISTEP_LEVELS, MultiStepTask
+
+    easy, hard = load_task("multistep-easy:3"), load_task("multistep-hard:3")
+    assert (easy.name, hard.name) == ("multistep-easy:3", "multistep-hard:3")
+    assert easy.problems(1)[0].id == "multistep-easy-3-0"
+    assert load_task("multistep:3").problems(1)[0].id == "multistep-3-0"
+    # A named level is its overrides: the same problems as the dict, under ids of its own.
+    same = MultiStepTask(3, level=MULTISTEP_LEVELS["easy"]).problems(20)
+    assert [p.prompt for p in easy.problems(20)] == [p.prompt for p in same]
+    assert load_task("multistep-easy", seed=3).problems(5) == easy.problems(5)
+    kinds = {op[0] for p in easy.problems() for op in p.metadata["ops"]}
+    assert kinds == {"add", "sub"}  # no product at the start
+    assert max(p.metadata["start"] for p in easy.problems()) <= 8
+    with pytest.raises(EGPSError, match="unknown multistep level 'medium'"):
+        MultiStepTask(0, level="medium")
+    with pytest.raises(EGPSError, match="multistep-easy:SEED needs an integer seed"):
+        load_task("multistep-easy:x")
+
+
+@pytest.mark.parametrize("level", [None, "easy", {"weights": {"add": 1, "sub": 1, "split": 1, "packs": 1}}])
 def test_multistep_answers_are_right_with_3_to_5_operations(level) -> None:
     from egps_ppl.evals.tasks import MultiStepTask
 
@@ -196,7 +216,8 @@ def test_multistep_answers_are_right_with_3_to_5_operations(level) -> None:
         assert p.metadata["solution"].count("\nStep ") == len(p.metadata["ops"]) - 1
     assert {len(p.metadata["ops"]) for p in problems} == {3, 4, 5}
     kinds = {op[0] for p in problems for op in p.metadata["ops"]}
-    assert kinds == ({"bags", "add", "sub"} if level is None else set(MULTISTEP_OPS))
+    by_name = {None: {"bags", "add", "sub"}, "easy": {"add", "sub"}}
+    assert kinds == (set(MULTISTEP_OPS) if isinstance(level, dict) else by_name[level])
     for _question, solution in MULTISTEP_EXAMPLES:  # the worked examples are right too, one line per step
         lines = solution.splitlines()
         assert all(line.startswith(f"Step {i}: ") for i, line in enumerate(lines[:-1], start=1))

