@@ -210,3 +210,52 @@ def test_ablation_kernels_leave_pi_invariant(name: str) -> None:
     lm = MarkovLM([0.4, 0.3, 0.3], [[1 / 3] * 3, [0.45, 0.5, 0.05], [0.2, 0.1, 0.7]], 0)
     report = assert_invariant(lambda t: build_kernel(name, t), lm, 4.0, 5, num_chains=40_000, steps=2)
     assert report.num_states > 10
+
+
+def test_block_entropy_summary_counts_deterministic_blocks() -> None:
+    import numpy as np
+
+    from benchmarks.block_entropy import summarize
+
+    # Two completions: 8 positions with one uncertain token, and 4 deterministic positions.
+    a = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    b = np.zeros(4)
+    s = summarize([a, b], blocks=(4,), epsilon=0.05)
+    # Blocks of 4: [0] [1.0] from a, [0] from b -> 2 of 3 under epsilon; the schedule gives ceil(2 * 1.0) = 2 steps.
+    assert s["blocks"]["4"] == {
+        "blocks": 3, "share_below_epsilon": round(2 / 3, 4), "median_mass": 0.0, "mean_adaptive_steps": round(2 / 3, 3)
+    }  # fmt: skip
+    assert s["share_positions_below_epsilon"] == round(11 / 12, 4) and s["mean_entropy_mass"] == 0.5
+    assert s["top10_share_of_mass"] == 1.0  # b has no mass and is left out; a's top position holds all of it
+
+
+def test_block_entropy_rescores_a_run(tmp_path: Path) -> None:
+    import numpy as np
+
+    from benchmarks import block_entropy
+    from egps_ppl.analysis.divergence import next_token_log_probs
+    from egps_ppl.evals.methods import load_method
+    from egps_ppl.evals.runner import evaluate
+    from egps_ppl.evals.tasks import load_task
+    from egps_ppl.models.registry import load_model
+
+    run = tmp_path / "run"
+    evaluate(load_task("arithmetic"), load_method("low-temp"), load_model("tiny-gpt2"), [0], 3, run,
+             progress=False, max_new_tokens=6)  # fmt: skip
+    payload = block_entropy.main([str(run), "--quick", "--out", str(tmp_path / "out")])
+    summary = payload["runs"][str(run)]
+    assert summary["completions"] == 3 and summary["positions"] == 18
+    # tiny-gpt2 is a random model: uncertain everywhere, so no block is deterministic.
+    assert all(entry["share_below_epsilon"] == 0.0 for entry in summary["blocks"].values())
+    # The rescored entropies are the model's: H_t of the full next-token distributions along the completion.
+    lm = load_model("tiny-gpt2")
+    record = json.loads((run / "results.jsonl").read_text().splitlines()[0])
+    ids = record["completion_ids"]
+    ids = json.loads(ids) if isinstance(ids, str) else ids
+    task = load_task("arithmetic")
+    prompt = task.build_prompt(task.problems(1)[0], lm)
+    log_p = next_token_log_probs(lm, prompt, ids)
+    expected = -(log_p.exp() * log_p).sum(-1).numpy()
+    got = block_entropy.completion_entropies(run, "tiny-gpt2", limit=1)[0]
+    assert record["problem_index"] == 0 and np.allclose(got, expected, atol=1e-4)
+    assert (tmp_path / "out" / "block_entropy.png").stat().st_size > 0
