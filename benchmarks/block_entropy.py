@@ -46,7 +46,9 @@ def block_masses(entropy: np.ndarray, block: int) -> np.ndarray:
     return np.array([float(entropy[i : i + block].sum()) for i in range(0, n, block)])
 
 
-def completion_entropies(run_dir: Path, model: str | None = None, limit: int | None = None) -> list[np.ndarray]:
+def completion_entropies(
+    run_dir: Path, model: str | None = None, limit: int | None = None, batch: int = 16
+) -> list[np.ndarray]:
     """Per-position base-model entropies along each recorded completion of an ``egps eval`` run directory."""
     import torch
 
@@ -59,20 +61,22 @@ def completion_entropies(run_dir: Path, model: str | None = None, limit: int | N
     lm = load_model(model or config["model"])
     task = load_task(config["task"])
     problems = {p.id: p for p in task.problems()}
-    records = [r for r in read_results(run_dir / "results.jsonl") if r.get("completion_ids")]
+    records = [r for r in read_results(run_dir / "results.jsonl") if r.get("completion_ids")][:limit]
+    completions = [json.loads(r["completion_ids"]) if isinstance(r["completion_ids"], str) else r["completion_ids"]
+                   for r in records]  # fmt: skip
+    todo = [(r, ids) for r, ids in zip(records, completions, strict=True) if ids]
     out = []
-    for r in records[:limit]:
-        ids = r["completion_ids"]
-        ids = json.loads(ids) if isinstance(ids, str) else ids
-        if not ids:
-            continue
-        prompt = task.build_prompt(problems[r["problem_id"]], lm)
-        seqs = lm.start(prompt, 1, len(ids), PowerPolicy(1.0))
+    for lo in range(0, len(todo), batch):  # one teacher-forced forward pass per batch of completions
+        chunk = todo[lo : lo + batch]
+        prompts = [task.build_prompt(problems[r["problem_id"]], lm) for r, _ in chunk]
+        lengths = [len(ids) for _, ids in chunk]
+        seqs = lm.start(prompts, len(chunk), max(lengths), PowerPolicy(1.0))
         tokens = seqs.tokens.clone()
-        tokens[0, : len(ids)] = torch.tensor(ids, device=tokens.device)
-        seqs = seqs.with_(tokens=tokens, length=torch.tensor([len(ids)], device=tokens.device))
-        scored, _ = lm.score(seqs, torch.zeros(1, dtype=torch.long, device=tokens.device))
-        out.append(scored.entropy[0, : len(ids)].double().cpu().numpy())
+        for row, (_, ids) in enumerate(chunk):
+            tokens[row, : len(ids)] = torch.tensor(ids, device=tokens.device)
+        seqs = seqs.with_(tokens=tokens, length=torch.tensor(lengths, device=tokens.device))
+        scored, _ = lm.score(seqs, torch.zeros(len(chunk), dtype=torch.long, device=tokens.device))
+        out += [scored.entropy[row, :n].double().cpu().numpy() for row, n in enumerate(lengths)]
     return out
 
 

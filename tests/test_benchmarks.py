@@ -249,13 +249,14 @@ def test_block_entropy_rescores_a_run(tmp_path: Path) -> None:
     assert all(entry["share_below_epsilon"] == 0.0 for entry in summary["blocks"].values())
     # The rescored entropies are the model's: H_t of the full next-token distributions along the completion.
     lm = load_model("tiny-gpt2")
-    record = json.loads((run / "results.jsonl").read_text().splitlines()[0])
-    ids = record["completion_ids"]
-    ids = json.loads(ids) if isinstance(ids, str) else ids
+    # Batched: three prompts of their own lengths in one forward pass, each row as if alone.
     task = load_task("arithmetic")
-    prompt = task.build_prompt(task.problems(1)[0], lm)
-    log_p = next_token_log_probs(lm, prompt, ids)
-    expected = -(log_p.exp() * log_p).sum(-1).numpy()
-    got = block_entropy.completion_entropies(run, "tiny-gpt2", limit=1)[0]
-    assert record["problem_index"] == 0 and np.allclose(got, expected, atol=1e-4)
+    problems = {p.id: p for p in task.problems(3)}
+    got = block_entropy.completion_entropies(run, "tiny-gpt2", batch=3)
+    for line, entropy in zip((run / "results.jsonl").read_text().splitlines(), got, strict=True):
+        record = json.loads(line)
+        ids = record["completion_ids"]
+        ids = json.loads(ids) if isinstance(ids, str) else ids
+        log_p = next_token_log_probs(lm, task.build_prompt(problems[record["problem_id"]], lm), ids)
+        assert np.allclose(entropy, -(log_p.exp() * log_p).sum(-1).numpy(), atol=1e-4)
     assert (tmp_path / "out" / "block_entropy.png").stat().st_size > 0
