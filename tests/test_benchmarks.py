@@ -260,3 +260,16 @@ def test_block_entropy_rescores_a_run(tmp_path: Path) -> None:
         log_p = next_token_log_probs(lm, task.build_prompt(problems[record["problem_id"]], lm), ids)
         assert np.allclose(entropy, -(log_p.exp() * log_p).sum(-1).numpy(), atol=1e-4)
     assert (tmp_path / "out" / "block_entropy.png").stat().st_size > 0
+
+
+def test_multistep_levels_runs_each_variant(tmp_path: Path) -> None:
+    from benchmarks import multistep_levels
+    from egps_ppl.evals.tasks import MULTISTEP_LEVELS
+
+    assert multistep_levels.VARIANTS["small"] == MULTISTEP_LEVELS["easy"]  # the level the docs say was chosen
+    payload = multistep_levels.main(
+        ["--model", "tiny-gpt2", "--problems", "2", "--variants", "default,small", "--out", str(tmp_path)]
+    )
+    assert [row["variant"] for row in payload["variants"]] == ["default", "small"]
+    assert all(row["units"] == 4 and 0 <= row["accuracy"] <= 1 for row in payload["variants"])
+    assert (tmp_path / "multistep_levels_seed100.json").exists()
