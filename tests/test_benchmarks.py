@@ -273,3 +273,12 @@ def test_multistep_levels_runs_each_variant(tmp_path: Path) -> None:
     assert [row["variant"] for row in payload["variants"]] == ["default", "small"]
     assert all(row["units"] == 4 and 0 <= row["accuracy"] <= 1 for row in payload["variants"])
     assert (tmp_path / "multistep_levels_seed100.json").exists()
+
+
+def test_try_sharing_counts_distinct_histories(tmp_path: Path) -> None:
+    from benchmarks import try_sharing
+
+    payload = try_sharing.main(["--quick", "--out", str(tmp_path)])
+    assert len(payload["kinds"]) == 3
+    for row in payload["kinds"].values():
+        assert 0 < row["distinct"] <= row["try_tokens"] and 0.0 <= row["shared_share"] < 1.0
