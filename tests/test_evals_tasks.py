@@ -387,7 +387,15 @@ def test_unknown_task_names_the_known_ones() -> None:
         load_task("mmlu")
     with pytest.raises(EGPSError, match="integer seed"):
         load_task("arithmetic:abc")
-    assert set(available_tasks()) == {"arithmetic", "multistep", "math500", "humaneval", "jsonl"} | {
+    assert set(available_tasks()) == {
+        "arithmetic",
+        "multistep",
+        "multistep-easy",
+        "multistep-hard",
+        "math500",
+        "humaneval",
+        "jsonl",
+    } | {
         "gpqa",
         "gpqa-main",
         "gpqa-diamond",

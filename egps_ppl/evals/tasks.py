@@ -545,13 +545,13 @@ class MultiStepTask:
     def __init__(self, seed: int = 0, size: int = 500, level: str | dict[str, Any] | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise EGPSError(f"multistep: the seed must be an integer, got {seed!r}")
-        tag = ""
+        tag, self.level = "", "default" if level is None else level if isinstance(level, str) else "custom"
         if isinstance(level, str):
             if level not in MULTISTEP_LEVELS:
                 raise EGPSError(f"unknown multistep level {level!r}; known: {', '.join(MULTISTEP_LEVELS)}")
             tag = "" if level == "default" else f"{level}-"
             level = MULTISTEP_LEVELS[level]
-        self.seed, self.size, self.level = seed, size, tag.rstrip("-") or "default"
+        self.seed, self.size = seed, size
         self.name = f"multistep-{tag[:-1]}:{seed}" if tag else f"multistep:{seed}"
         self._problems = [_multistep_problem(seed, i, level, tag) for i in range(size)]
 
