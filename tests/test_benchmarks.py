@@ -136,6 +136,7 @@ def test_fidelity_quick(tmp_path: Path) -> None:
     for problem in payload["problems"]:
         assert abs(sum(problem["reference"].values()) - 1.0) < 1e-9
         assert 0.0 <= problem["mh_vs_smc_tv"] <= 1.0 and problem["top_answer"] in problem["reference"]
+        assert 0.0 <= problem["noise_floor"] <= 1.0  # of the methods' --chains draws
     assert set(payload["curves"]) == {"low-temp", "mh", "egps"}
     assert [p["steps"] for p in payload["curves"]["mh"]] == [1, 2]
     for points in payload["curves"].values():
