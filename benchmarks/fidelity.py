@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tv_mean": round(float(np.mean(tvs)), 4),
                 "tv_se": round(float(np.std(tvs, ddof=1) / math.sqrt(len(tvs))), 4) if len(tvs) > 1 else None,
                 "decode_tokens_per_chain": round(float(np.mean(decode)), 1),
+                "tv_per_problem": [round(float(t), 4) for t in tvs],  # for paired comparisons
             }
         )
         print(f"{name:>15} steps {steps}: TV {curves[name][-1]['tv_mean']:.3f}", flush=True)
