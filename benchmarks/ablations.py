@@ -76,8 +76,8 @@ def _variants() -> dict[str, tuple[str, str, Callable[..., Any]]]:
 
 
 def register() -> dict[str, tuple[str, str]]:
-    """Register the ablation kernels as presets (usable in ``egps eval --method``) and return their
-    ``name -> (axis, description)``."""
+    """Register the ablation kernels as presets in this process (kernel specs and ``load_method`` then know them)
+    and return their ``name -> (axis, description)``."""
     from egps_ppl.kernels.presets import register_preset
 
     described = {}

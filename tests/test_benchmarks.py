@@ -216,7 +216,11 @@ def test_ablation_kernels_leave_pi_invariant(name: str) -> None:
 def test_block_entropy_summary_counts_deterministic_blocks() -> None:
     import numpy as np
 
-    from benchmarks.block_entropy import summarize
+    from benchmarks.block_entropy import EPSILON, summarize
+    from egps_ppl.infer.schedule import EntropyAdaptiveSchedule
+
+    # The benchmark counts what the schedule would skip, with the schedule's own threshold and rate.
+    assert EntropyAdaptiveSchedule.epsilon == EPSILON and EntropyAdaptiveSchedule.moves_per_nat == 2.0
 
     # Two completions: 8 positions with one uncertain token, and 4 deterministic positions.
     a = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
