@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, new_figure, set_threads
-from benchmarks.frontier import Point, markdown_table, report, run_points
+from benchmarks.common import environment, new_figure
+from benchmarks.frontier import Point, add_run_arguments, markdown_table, report, run_selected
 
 NAME = "ablations"
 TRY_BUDGET = 8
@@ -138,37 +138,18 @@ def _plot(result: dict[str, Any], axes_of: dict[str, str], task: str, path: Path
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="arithmetic")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--seeds", default="2", help="seeds 0 and 1 chose egps's defaults; 2 by default")
-    parser.add_argument("--alpha", type=float, default=4.0)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--points", default=None, help="comma-separated point labels to run (default: all)")
+    add_run_arguments(parser, seeds="2", out="runs/ablations", seeds_help="seeds 0 and 1 chose egps's defaults")
     parser.add_argument("--reference", default=None, help=f"point to compare against (default mh-steps{TRY_BUDGET})")
-    parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 3 problems, 4 points, 1 seed")
-    parser.add_argument("--out", default="runs/ablations")
-    parser.add_argument("--docs", default=None, help="copy the plot and table into this folder")
     args = parser.parse_args(argv)
     described = register()
     if args.quick:
         args.model, args.limit, args.seeds, args.max_new_tokens, args.batch = "tiny-gpt2", 3, "0", 8, 4
     axis_points = quick_points() if args.quick else default_points()
-    if args.points:
-        wanted = set(args.points.split(","))
-        axis_points = [(a, p) for a, p in axis_points if p.label in wanted]
-    points = [p for _, p in axis_points]
     axes_of = {p.label: a for a, p in axis_points}
+    points, out = run_selected([p for _, p in axis_points], args)
     reference = args.reference or ("mh-steps2" if args.quick else f"mh-steps{TRY_BUDGET}")
     task_name = args.task.split(":")[0]
-    out = Path(args.out) / args.task.replace(":", "-")
-    set_threads(args.threads)
-    if not args.report_only:
-        seeds = [int(s) for s in args.seeds.split(",")]
-        run_points(points, args.task, args.model, seeds, args.limit, out, args.alpha, args.max_new_tokens, args.batch)
     result = report(points, out, reference)
     for label, entry in result["points"].items():
         entry["axis"] = axes_of[label]
@@ -184,11 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablations.json").write_text(json.dumps(payload, indent=2) + "\n")
     if result["points"]:
-        rows = {label: axes_of[label] for label in result["points"]}
         table = markdown_table(result).splitlines()
         table[0] = "| axis " + table[0]
         table[1] = "|---" + table[1]
-        table[2:] = [f"| {rows[line.split('|')[1].strip()]} {line}" for line in table[2:]]
+        table[2:] = [f"| {axes_of[line.split('|')[1].strip()]} {line}" for line in table[2:]]
         (out / "ablations.md").write_text("\n".join(table) + "\n")
         png = _plot(result, axes_of, task_name, out / f"ablations_{task_name}.png")
         if args.docs:

@@ -259,35 +259,47 @@ def plot(result: dict[str, Any], task: str, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: str, out: str, seeds_help: str | None = None) -> None:
+    """The options of a benchmark made of :class:`Point` runs (this one and :mod:`benchmarks.ablations`): task,
+    model, problems, seeds, α, tokens, batch, threads, ``--points``, ``--report-only``, ``--out`` and ``--docs``."""
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--seeds", default=seeds, help=seeds_help)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--points", default=None, help="comma-separated point labels to run (default: all)")
-    parser.add_argument("--reference", default=None, help="point label to compare against (default: largest mh)")
     parser.add_argument("--report-only", action="store_true", help="do not run anything; report what is in --out")
-    parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 3 problems, 4 points, 2 seeds")
-    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--docs", default=None, help="copy the plot into this folder")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.limit, args.seeds, args.max_new_tokens, args.batch = "tiny-gpt2", 3, "0,1", 8, 4
-    points = quick_points() if args.quick else default_points()
+
+
+def run_selected(points: list[Point], args: argparse.Namespace) -> tuple[list[Point], Path]:
+    """The points ``--points`` selects, run into ``<out>/<task>/`` unless ``--report-only``; returns them and
+    that folder."""
     if args.points:
         wanted = set(args.points.split(","))
         points = [p for p in points if p.label in wanted]
-    task_name = args.task.split(":")[0]
     out = Path(args.out) / args.task.replace(":", "-")
     set_threads(args.threads)
     if not args.report_only:
         seeds = [int(s) for s in args.seeds.split(",")]
         run_points(points, args.task, args.model, seeds, args.limit, out, args.alpha, args.max_new_tokens, args.batch)
+    return points, out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, seeds="0,1,2,3", out="runs/frontier")
+    parser.add_argument("--reference", default=None, help="point label to compare against (default: largest mh)")
+    parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 3 problems, 4 points, 2 seeds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.limit, args.seeds, args.max_new_tokens, args.batch = "tiny-gpt2", 3, "0,1", 8, 4
+    points, out = run_selected(quick_points() if args.quick else default_points(), args)
+    task_name = args.task.split(":")[0]
     result = report(points, out, args.reference)
     payload = {
         "benchmark": NAME,
