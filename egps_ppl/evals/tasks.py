@@ -961,25 +961,25 @@ after the first ``:`` (``""`` when there is none), ``seed`` the shuffle or gener
 ``--chat``/``--no-chat`` choice (``None``: the task's own default)."""
 
 
+def _spec_seed(name: str, arg: str, seed: int) -> int:
+    """The seed of a generated task's ``NAME:SEED`` spec (``seed`` when the spec has none)."""
+    if not arg:
+        return seed
+    try:
+        return int(arg)
+    except ValueError:
+        raise EGPSError(f"{name}:SEED needs an integer seed, got {arg!r}") from None
+
+
 def _arithmetic(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
-    if arg:
-        try:
-            seed = int(arg)
-        except ValueError:
-            raise EGPSError(f"arithmetic:SEED needs an integer seed, got {arg!r}") from None
-    return ArithmeticTask(seed=seed)
+    return ArithmeticTask(seed=_spec_seed("arithmetic", arg, seed))
 
 
 def _multistep_level(level: str) -> TaskFactory:
     name = "multistep" if level == "default" else f"multistep-{level}"
 
     def factory(arg: str, *, seed: int = 0, chat: bool | None = None) -> Task:
-        if arg:
-            try:
-                seed = int(arg)
-            except ValueError:
-                raise EGPSError(f"{name}:SEED needs an integer seed, got {arg!r}") from None
-        return MultiStepTask(seed=seed, level=level)
+        return MultiStepTask(seed=_spec_seed(name, arg, seed), level=level)
 
     return factory
 
