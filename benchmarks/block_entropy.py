@@ -62,12 +62,9 @@ def completion_entropies(
     task = load_task(config["task"])
     problems = {p.id: p for p in task.problems()}
     records = [r for r in read_results(run_dir / "results.jsonl") if r.get("completion_ids")][:limit]
-    completions = [json.loads(r["completion_ids"]) if isinstance(r["completion_ids"], str) else r["completion_ids"]
-                   for r in records]  # fmt: skip
-    todo = [(r, ids) for r, ids in zip(records, completions, strict=True) if ids]
     out = []
-    for lo in range(0, len(todo), batch):  # one teacher-forced forward pass per batch of completions
-        chunk = todo[lo : lo + batch]
+    for lo in range(0, len(records), batch):  # one teacher-forced forward pass per batch of completions
+        chunk = [(r, r["completion_ids"]) for r in records[lo : lo + batch]]
         prompts = [task.build_prompt(problems[r["problem_id"]], lm) for r, _ in chunk]
         lengths = [len(ids) for _, ids in chunk]
         seqs = lm.start(prompts, len(chunk), max(lengths), PowerPolicy(1.0))

@@ -260,9 +260,8 @@ def test_block_entropy_rescores_a_run(tmp_path: Path) -> None:
     got = block_entropy.completion_entropies(run, "tiny-gpt2", batch=3)
     for line, entropy in zip((run / "results.jsonl").read_text().splitlines(), got, strict=True):
         record = json.loads(line)
-        ids = record["completion_ids"]
-        ids = json.loads(ids) if isinstance(ids, str) else ids
-        log_p = next_token_log_probs(lm, task.build_prompt(problems[record["problem_id"]], lm), ids)
+        prompt = task.build_prompt(problems[record["problem_id"]], lm)
+        log_p = next_token_log_probs(lm, prompt, record["completion_ids"])
         assert np.allclose(entropy, -(log_p.exp() * log_p).sum(-1).numpy(), atol=1e-4)
     assert (tmp_path / "out" / "block_entropy.png").stat().st_size > 0
 
