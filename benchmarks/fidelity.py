@@ -6,14 +6,20 @@
     python -m benchmarks.fidelity --quick --out /tmp/f  # tiny-gpt2, 2 problems (seconds; the tests)
     python -m benchmarks.fidelity --docs docs/benchmarks
 
-Accuracy cannot tell sampling π from merely sharpening p. For each problem this estimates a **reference answer
-distribution under π** from two independent long runs, which must agree:
+Accuracy cannot tell sampling π from merely sharpening p. For each problem the **reference answer distribution
+under π** is, by default (``--reference exact``), computed by certified best-first enumeration
+(:func:`egps_ppl.analysis.enumeration.enumerate_power`): π's most probable completions are found until the mass
+not yet found is provably at most ``--exact-tol`` of the total, so the reference is within that total variation
+(TV) of π's true answer distribution; the bound reached is reported per problem, with **π's own accuracy** (the
+reference's mass on correct answers). Two independent long runs are kept as a check of what sampling-based
+references achieve (``--ref-chains 0`` / ``--ref-particles 0`` skip them):
 
 * MCMC: ``--ref-chains`` MH chains of ``--ref-steps`` steps each from low-temperature starts (the answer of each
   chain's final state);
 * Power-SMC: ``--ref-particles`` particles (the answers weighted by the final importance weights).
 
-Their total-variation distance (TV) is reported per problem; the reference is their average. Each method then
+Their TV from each other and from the exact reference is reported per problem; with ``--reference runs`` their
+average is the reference (the only choice for a backend without full next-token distributions). Each method then
 runs ``--chains`` independent chains per problem at each budget, and the TV between the answer histogram of its
 final states and the reference is plotted against decode tokens per chain. The answer is what the task grader
 extracts (``None``: no answer). TVs carry Monte-Carlo noise from both sides: the noise floor of ``--chains``
@@ -97,6 +103,7 @@ def _stage(folder: Path, name: str, settings: dict[str, Any], compute: Any) -> A
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.exact_pi import exact_answer_distribution
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.infer import MCMCSampler
     from egps_ppl.infer.batched import Unit, run_units
@@ -133,29 +140,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p, o in zip(problems, outs, strict=True)
         ]
 
-    # Reference: long MH chains and Power-SMC, independently.
+    def exact_reference(i: int) -> dict[str, Any]:
+        row = exact_answer_distribution(
+            task, lm, problems[i], prompts[i], args.alpha, args.max_new_tokens, tol=args.exact_tol,
+            max_expansions=args.exact_expansions, batch=args.batch, top_children=args.exact_top_children,
+        )  # fmt: skip
+        print(f"exact reference, problem {i}: bound {row['tv_bound']:.4f} after {row['expansions']} expansions, "
+              f"{row['completions']} completions", flush=True)  # fmt: skip
+        return row
+
+    # Reference: certified enumeration, and (as a check, or the reference with --reference runs) long MH chains
+    # and Power-SMC, independently.
+    exact = None
+    if args.reference == "exact":
+        settings = {**common, "tol": args.exact_tol, "expansions": args.exact_expansions,
+                    "top_children": args.exact_top_children}  # fmt: skip
+        exact = [
+            _stage(parts, f"reference-exact-{i}", {**settings, "problem": i}, lambda i=i: exact_reference(i))
+            for i in range(len(problems))
+        ]
     ref_mh = _stage(parts, "reference-mh", {**common, "chains": args.ref_chains, "steps": args.ref_steps},
-                    ref_mh_answers)  # fmt: skip
+                    ref_mh_answers) if args.ref_chains else None  # fmt: skip
     ref_smc = _stage(parts, "reference-smc", {**common, "particles": args.ref_particles, "ess_every": args.ess_every},
-                     ref_smc_answers)  # fmt: skip
+                     ref_smc_answers) if args.ref_particles else None  # fmt: skip
     per_problem = []
     for i, problem in enumerate(problems):
-        mh_hist = histogram(ref_mh[i])
-        smc_hist = histogram(ref_smc[i]["answers"], ref_smc[i]["weights"])
-        keys = set(mh_hist) | set(smc_hist)
-        reference = {k: 0.5 * (mh_hist.get(k, 0.0) + smc_hist.get(k, 0.0)) for k in keys}
-        per_problem.append(
-            {
-                "problem_id": problem.id,
-                "reference_answer": problem.answer,
-                "reference": reference,
-                "mh_vs_smc_tv": round(tv(mh_hist, smc_hist), 4),
-                "mh_noise_floor": round(noise_floor(reference, args.ref_chains), 4),
-                "noise_floor": round(noise_floor(reference, args.chains), 4),  # of a method's --chains draws
-                "smc_ess": round(ref_smc[i]["ess"], 1),
-                "top_answer": max(reference, key=reference.get),
-            }
-        )
+        mh_hist = histogram(ref_mh[i]) if ref_mh else None
+        smc_hist = histogram(ref_smc[i]["answers"], ref_smc[i]["weights"]) if ref_smc else None
+        if exact is not None:
+            reference = exact[i]["marginal"]
+        else:
+            assert mh_hist is not None and smc_hist is not None  # checked in main
+            reference = {k: 0.5 * (mh_hist.get(k, 0.0) + smc_hist.get(k, 0.0)) for k in set(mh_hist) | set(smc_hist)}
+        row: dict[str, Any] = {
+            "problem_id": problem.id,
+            "reference_answer": problem.answer,
+            "reference": reference,
+            "noise_floor": round(noise_floor(reference, args.chains), 4),  # of a method's --chains draws
+            "top_answer": max(reference, key=reference.get),
+        }
+        if exact is not None:
+            row.update(
+                pi_accuracy=round(exact[i]["pi_accuracy"], 4),
+                exact_tv_bound=exact[i]["tv_bound"],
+                exact_expansions=exact[i]["expansions"],
+                exact_completions=exact[i]["completions"],
+            )
+        if mh_hist is not None:
+            row.update(mh_vs_reference_tv=round(tv(mh_hist, reference), 4),
+                       mh_noise_floor=round(noise_floor(reference, args.ref_chains), 4))  # fmt: skip
+        if smc_hist is not None and ref_smc is not None:
+            row.update(smc_vs_reference_tv=round(tv(smc_hist, reference), 4), smc_ess=round(ref_smc[i]["ess"], 1))
+        if mh_hist is not None and smc_hist is not None:
+            row["mh_vs_smc_tv"] = round(tv(mh_hist, smc_hist), 4)
+        per_problem.append(row)
     # Each method at each budget: answer histogram of independent chains.
     curves: dict[str, list[dict[str, Any]]] = {}
     samplers: list[tuple[str, int | None, Any]] = [("low-temp", None, None)]
@@ -289,6 +327,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--reference",
+        choices=("exact", "runs"),
+        default="exact",
+        help="exact: certified enumeration (default); runs: the average of the MH and SMC runs",
+    )
+    parser.add_argument("--exact-tol", type=float, default=0.01, help="certified TV bound the enumeration stops at")
+    parser.add_argument("--exact-expansions", type=int, default=50_000, help="most prefixes expanded per problem")
+    parser.add_argument("--exact-top-children", type=int, default=64, help="children generated per prefix")
     parser.add_argument("--ref-chains", type=int, default=32)
     parser.add_argument("--ref-steps", type=int, default=30)
     parser.add_argument("--ref-particles", type=int, default=64)
@@ -308,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model, args.problems, args.max_new_tokens = "tiny-gpt2", 2, 6
         args.ref_chains, args.ref_steps, args.ref_particles, args.chains = 8, 4, 8, 4
         args.budgets, args.methods, args.mix_steps, args.mix_problems = "1,2", "mh,egps", 4, 1
+        # tiny-gpt2 is nearly uniform: no bound is reachable; one child per prefix finds the greedy completion.
+        args.exact_expansions, args.exact_top_children = 48, 1
+    if args.reference == "runs" and not (args.ref_chains and args.ref_particles):
+        parser.error("--reference runs needs --ref-chains and --ref-particles above 0")
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.methods = args.methods.split(",")
     threads = set_threads(args.threads)

@@ -136,6 +136,10 @@ def test_fidelity_quick(tmp_path: Path) -> None:
     for problem in payload["problems"]:
         assert abs(sum(problem["reference"].values()) - 1.0) < 1e-9
         assert 0.0 <= problem["mh_vs_smc_tv"] <= 1.0 and problem["top_answer"] in problem["reference"]
+        assert 0.0 <= problem["mh_vs_reference_tv"] <= 1.0 and 0.0 <= problem["smc_vs_reference_tv"] <= 1.0
+        # The exact reference's certificate: on a nearly uniform model 48 expansions certify almost nothing.
+        assert 0.0 < problem["exact_tv_bound"] <= 1.0 and problem["exact_completions"] >= 1
+        assert 0.0 <= problem["pi_accuracy"] <= 1.0
         assert 0.0 <= problem["noise_floor"] <= 1.0  # of the methods' --chains draws
     assert set(payload["curves"]) == {"low-temp", "mh", "egps"}
     assert [p["steps"] for p in payload["curves"]["mh"]] == [1, 2]
@@ -286,3 +290,27 @@ def test_try_sharing_counts_distinct_histories(tmp_path: Path) -> None:
     assert len(payload["kinds"]) == 3
     for row in payload["kinds"].values():
         assert 0 < row["distinct"] <= row["try_tokens"] and 0.0 <= row["shared_share"] < 1.0
+
+
+def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
+    from benchmarks import exact_pi
+
+    payload = exact_pi.main(["--quick", "--out", str(tmp_path)])
+    lines = (tmp_path / "arithmetic" / "exact-pi" / "problems.jsonl").read_text().splitlines()
+    assert payload["problems"] == 2 and len(lines) == 2
+    for row in map(json.loads, lines):
+        assert abs(sum(row["marginal"].values()) - 1.0) < 1e-9 and 0.0 < row["tv_bound"] <= 1.0
+        assert 0.0 <= row["pi_accuracy"] <= 1.0 and row["completions"] >= 1
+    assert payload["vs_points"] == {}  # no frontier run beside it
+    # A frontier point beside it is paired problem by problem; the second run computes nothing new.
+    point = tmp_path / "arithmetic" / "low-temp"
+    point.mkdir()
+    ids = [json.loads(line)["problem_id"] for line in lines]
+    extra = {"method": "low-temp", "completion": "", "answer": "1", "decode_tokens": 1, "scored_tokens": 0,
+             "forward_calls": 1, "wall_s": 0.0}  # fmt: skip
+    point.joinpath("results.jsonl").write_text(
+        "".join(json.dumps({"problem_id": i, "seed": 0, "correct": True, **extra}) + "\n" for i in ids)
+    )
+    again = exact_pi.main(["--quick", "--out", str(tmp_path)])
+    assert len((tmp_path / "arithmetic" / "exact-pi" / "problems.jsonl").read_text().splitlines()) == 2
+    assert again["vs_points"]["low-temp"]["diff"] == round(again["pi_accuracy"] - 1.0, 4)

@@ -1,0 +1,177 @@
+"""π's own accuracy, exactly: how well would a perfect sampler of ``π ∝ p^α`` answer each problem?
+
+::
+
+    python -m benchmarks.exact_pi --task arithmetic --limit 100 --out runs/frontier
+    python -m benchmarks.exact_pi --quick --out /tmp/exact_pi        # tiny-gpt2, 2 problems (seconds; the tests)
+
+For each problem, :func:`egps_ppl.analysis.enumeration.enumerate_power` finds π's most probable completions until
+the mass not yet found is provably at most ``--tol`` of the total; the problem's **π accuracy** is the found
+completions' π mass on correct answers (graded by the task), within the certified bound of the truth (a bound on
+the total variation bounds every event's probability). Problems are written one line at a time to
+``<out>/<task>/exact-pi/problems.jsonl`` (rerunning resumes), and the summary to ``exact_pi.json``: mean π
+accuracy ± SE over problems, the bound reached, and — when the frontier's run directories are beside it — the
+paired difference between π and each frontier point over the same problems (a point's accuracy per problem
+averaged over its seeds). This is the accuracy every exact sampler of π converges to: the ceiling of the frontier
+for samplers of this target, not of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import environment, set_threads
+
+NAME = "exact_pi"
+FOLDER = "exact-pi"
+
+
+def exact_answer_distribution(
+    task: Any, lm: Any, problem: Any, prompt: list[int], alpha: float, max_new_tokens: int, *,
+    tol: float, max_expansions: int, batch: int, top_children: int = 64,
+) -> dict[str, Any]:  # fmt: skip
+    """π's answer distribution for one problem by certified enumeration, with π's accuracy and the bound.
+
+    Raises
+    ------
+    EGPSError
+        If no completion was found within ``max_expansions``.
+    """
+    from egps_ppl.analysis.enumeration import enumerate_power
+    from egps_ppl.errors import EGPSError
+    from egps_ppl.target import PowerDistribution
+
+    def answer(ids: list[int]) -> tuple[str, bool]:
+        text = lm.decode(ids)
+        return str(task.extract(text)), bool(task.grade(problem, text).correct)
+
+    target = PowerDistribution(lm, prompt, alpha, max_new_tokens)
+    started = time.perf_counter()
+    found = enumerate_power(target, answer, tol=tol, max_expansions=max_expansions, batch=batch,
+                            top_children=top_children)  # fmt: skip
+    if not found.completions:
+        raise EGPSError(f"{problem.id}: no completion in {found.expansions} expansions; raise the expansion budget")
+    marginal = found.marginal()
+    answers: dict[str, float] = {}
+    for (text, _), p in marginal.items():
+        answers[text] = answers.get(text, 0.0) + p
+    return {
+        "problem_id": problem.id,
+        "marginal": answers,
+        "pi_accuracy": sum(p for (_, ok), p in marginal.items() if ok),
+        "tv_bound": found.tv_bound,
+        "completions": len(found.completions),
+        "best_log_p": found.log_p[0],
+        "expansions": found.expansions,
+        "scored_tokens": found.scored_tokens,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    """Every problem's line of ``problems.jsonl``, computing the missing ones."""
+    from egps_ppl.evals.tasks import load_task
+    from egps_ppl.models.registry import load_model
+
+    path = folder / "problems.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("settings") == _settings(args):
+                done[row["problem_id"]] = row
+    task = load_task(args.task)
+    problems = task.problems(args.limit)
+    missing = [p for p in problems if p.id not in done]
+    if missing:
+        lm = load_model(args.model)
+        folder.mkdir(parents=True, exist_ok=True)
+        for problem in missing:
+            row = exact_answer_distribution(
+                task, lm, problem, task.build_prompt(problem, lm), args.alpha, args.max_new_tokens, tol=args.tol,
+                max_expansions=args.max_expansions, batch=args.batch, top_children=args.top_children,
+            )  # fmt: skip
+            row["settings"] = _settings(args)
+            with path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            done[problem.id] = row
+            print(f"{problem.id}: pi accuracy {row['pi_accuracy']:.3f} (bound {row['tv_bound']:.4f}, "
+                  f"{row['expansions']} expansions, {row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return [done[p.id] for p in problems]
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens, "tol": args.tol,
+            "max_expansions": args.max_expansions, "top_children": args.top_children}  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]], task_folder: Path, seed: int = 0) -> dict[str, Any]:
+    """Mean π accuracy ± SE over problems, the bounds, and paired differences against the frontier's points."""
+    from benchmarks.frontier import _records, paired
+
+    n = len(rows)
+    accs = [r["pi_accuracy"] for r in rows]
+    mean = sum(accs) / n
+    se = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n) if n > 1 else None
+    bounds = [r["tv_bound"] for r in rows]
+    summary: dict[str, Any] = {
+        "problems": n,
+        "pi_accuracy": round(mean, 4),
+        "pi_accuracy_se": None if se is None else round(se, 4),
+        "mean_tv_bound": round(sum(bounds) / n, 5),
+        "max_tv_bound": round(max(bounds), 5),
+        "expansions_median": sorted(r["expansions"] for r in rows)[n // 2],
+        "seconds_per_problem": round(sum(r["seconds"] for r in rows) / n, 1),
+        "vs_points": {},
+    }
+    rng = random.Random(seed)
+    for run_dir in sorted(p for p in task_folder.iterdir() if p.is_dir() and p.name != FOLDER):
+        records = _records(run_dir)
+        if not records:
+            continue
+        seeds = sorted({s for _, s in records})
+        pi = {(r["problem_id"], s): {"correct": r["pi_accuracy"]} for r in rows for s in seeds}
+        diff = paired(pi, records, rng)
+        if diff is not None:
+            summary["vs_points"][run_dir.name] = diff
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--tol", type=float, default=0.01, help="certified TV bound to stop at, per problem")
+    parser.add_argument("--max-expansions", type=int, default=50_000)
+    parser.add_argument("--top-children", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 2 problems, 6 tokens, greedy children")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.limit, args.max_new_tokens, args.max_expansions, args.top_children = "tiny-gpt2", 2, 6, 48, 1
+    set_threads(args.threads)
+    task_folder = Path(args.out) / args.task.replace(":", "-")
+    folder = task_folder / FOLDER
+    rows = run(args, folder)
+    payload = {"benchmark": NAME, "task": args.task, "config": _settings(args) | {"limit": args.limit},
+               "environment": environment(), **summarize(rows, task_folder)}  # fmt: skip
+    (folder / "exact_pi.json").write_text(json.dumps(payload, indent=2) + "\n")
+    se = "" if payload["pi_accuracy_se"] is None else f" ± {payload['pi_accuracy_se']:.3f}"
+    print(f"pi accuracy {payload['pi_accuracy']:.3f}{se} over {payload['problems']} problems "
+          f"(mean bound {payload['mean_tv_bound']:.4f}); wrote {folder / 'exact_pi.json'}")  # fmt: skip
+    return payload
+
+
+if __name__ == "__main__":
+    main()
