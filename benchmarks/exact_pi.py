@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tol", type=float, default=0.01, help="certified TV bound to stop at, per problem")
     parser.add_argument("--max-expansions", type=int, default=50_000)
     parser.add_argument("--top-children", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64, help="prefixes followed together (one forward call)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/frontier")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 2 problems, 6 tokens, greedy children")

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def exact_reference(i: int) -> dict[str, Any]:
         row = exact_answer_distribution(
             task, lm, problems[i], prompts[i], args.alpha, args.max_new_tokens, tol=args.exact_tol,
-            max_expansions=args.exact_expansions, batch=args.batch, top_children=args.exact_top_children,
+            max_expansions=args.exact_expansions, batch=args.exact_batch, top_children=args.exact_top_children,
         )  # fmt: skip
         print(f"exact reference, problem {i}: bound {row['tv_bound']:.4f} after {row['expansions']} expansions, "
               f"{row['completions']} completions", flush=True)  # fmt: skip
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--exact-tol", type=float, default=0.01, help="certified TV bound the enumeration stops at")
     parser.add_argument("--exact-expansions", type=int, default=50_000, help="most prefixes expanded per problem")
     parser.add_argument("--exact-top-children", type=int, default=64, help="children generated per prefix")
+    parser.add_argument("--exact-batch", type=int, default=64, help="prefixes followed together by the enumeration")
     parser.add_argument("--ref-chains", type=int, default=32)
     parser.add_argument("--ref-steps", type=int, default=30)
     parser.add_argument("--ref-particles", type=int, default=64)

@@ -76,7 +76,7 @@ def test_best_first_order_and_budget() -> None:
     assert all(a >= b - 1e-12 for a, b in zip(found.log_p, found.log_p[1:], strict=False))
     assert found.answers[0] == found.completions[0]  # no answer function: the completion itself
     capped = enumerate_power(target, tol=0.0, batch=3, max_expansions=7)
-    assert capped.expansions == 7 and capped.tv_bound > 0
+    assert 7 <= capped.expansions < 7 + 3 and capped.tv_bound > 0
 
 
 def test_hf_first_token_against_softmax() -> None:

@@ -1,5 +1,6 @@
 """Analysis: where the power distribution departs from the base model (per-position divergence along
-completions, its concentration and clustering). It runs samplers and backends, so it sits above ``infer``."""
+completions, its concentration and clustering), and π's answer distribution on a real model by certified
+enumeration. It runs samplers and backends, so it sits above ``infer``."""
 
 from egps_ppl.analysis.divergence import (
     DivergenceProfile,
@@ -18,12 +19,15 @@ from egps_ppl.analysis.divergence import (
     top_share,
     write_analysis,
 )
+from egps_ppl.analysis.enumeration import PowerEnumeration, enumerate_power
 
 __all__ = [
     "DivergenceProfile",
+    "PowerEnumeration",
     "clustering_test",
     "correlations",
     "divergence_profile",
+    "enumerate_power",
     "high_divergence_mask",
     "kl_divergence",
     "myopic_divergence",

@@ -8,15 +8,16 @@ have ``p(x) <= p(u)`` and ``Σ_{x ⊒ u} p(x) = p(u)``)
 
     \\sum_{x \\sqsupseteq u} p(x)^α \\le p(u)^{α-1} \\sum_{x \\sqsupseteq u} p(x) = p(u)^α .
 
-:func:`enumerate_power` runs a best-first (uniform-cost) search over prefixes ordered by ``log p``: the next
-prefix expanded is always the most probable one not yet expanded, so completions are found in (nearly, with
-``batch > 1``) decreasing order of ``p``. Children are generated lazily, best first (``top_children`` per prefix;
-the rest stay in the bound). At any moment the mass of π not yet found is at most
+:func:`enumerate_power` runs a best-first search over prefixes ordered by ``log p``: it takes the ``batch`` most
+probable prefixes of the frontier and follows each greedily to a completion ("dives", one token fed per step with
+the cache carried along), expanding every node on the way; each expanded prefix's other children enter the
+frontier lazily, best first (``top_children`` per prefix; the rest stay in the bound). At any moment the mass of
+π not yet found is at most
 
 .. math::
 
     U = \\sum_{u \\in \\text{frontier}} p(u)^α
-        + \\sum_{\\text{expanded } u} p(u)^α \\sum_{v \\text{ not yet pushed}} p(v|u)^α ,
+        + \\sum_{\\text{expanded } u} p(u)^α \\sum_{v \\text{ not yet in the frontier}} p(v|u)^α ,
 
 so with ``F`` the mass of the completions found, the found completions' answer distribution ``π̂`` obeys
 ``TV(π̂, π_answer) <= U / (F + U)`` (:attr:`PowerEnumeration.tv_bound`): a **certificate**, not an estimate. The
@@ -26,8 +27,9 @@ On SmolLM2-135M and arithmetic word problems at ``α = 4`` a few thousand expans
 (docs/benchmarks/fidelity.md): this is the reference that :mod:`benchmarks.fidelity` compares samplers against,
 where long MH runs and Power-SMC had disagreed with each other.
 
-Cost: every expansion feeds its prefix through the model (``scored_tokens``; no KV reuse between prefixes
-beyond the backend's prompt cache).
+Cost: a dive feeds its starting prefix once (the backend's prompt cache is shared), then one token per step; the
+forward calls are memory-bound at small batches, so ``batch`` 32–128 is much faster per expansion than 1 on a CPU.
+Completions are returned best first (sorted at the end).
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ def enumerate_power(
     tol : float
         Stop once :attr:`PowerEnumeration.tv_bound` is at most this (``0``: run until nothing is left).
     max_expansions : int
-        Stop after this many prefixes, whatever the bound.
+        Stop once this many prefixes were expanded, whatever the bound (the step that reaches it finishes, so up
+        to ``batch - 1`` more).
     batch : int
-        Prefixes expanded per forward call.
+        Frontier prefixes followed (dived) together, one forward call per step.
     top_children : int
         Children generated per prefix (best first); the rest are only ever counted in the bound.
 
@@ -197,7 +200,7 @@ def enumerate_power(
 
     # Frontier: (-log p, tie-break, tokens, parent index, child rank); the root has no parent.
     heap: list[tuple[float, int, tuple[int, ...], int, int]] = [(-0.0, 0, (), -1, -1)]
-    counter = 1
+    counter = 1  # tie-break: first pushed, first popped
     parents: list[_Parent] = []
     side: dict[int, float] = {}  # parent -> α log p(u) + log Σ (its children not yet pushed)
     found = PowerEnumeration([], [], [], alpha, 0.0, 0, 0)
@@ -207,69 +210,100 @@ def enumerate_power(
     def finished(tokens: tuple[int, ...]) -> bool:
         return len(tokens) >= T or (len(tokens) > 0 and tokens[-1] == eos)
 
-    def rest_bound() -> float:
-        return _logsumexp([alpha * -h[0] for h in heap] + list(side.values()))
+    def push(log_p: float, tokens: tuple[int, ...], parent: int, rank: int) -> None:
+        nonlocal counter
+        heapq.heappush(heap, (-log_p, counter, tokens, parent, rank))
+        counter += 1
 
-    while heap and found.expansions < max_expansions:
-        todo: list[tuple[tuple[int, ...], float]] = []
-        while heap and len(todo) < min(batch, max_expansions - found.expansions):
-            neg, _, tokens, parent, rank = heapq.heappop(heap)
-            if parent >= 0:  # push the next sibling: it leaves the parent's unpushed mass for the frontier
-                p = parents[parent]
-                if rank + 1 < len(p.child_ids):
-                    heapq.heappush(heap, (-(p.log_p + p.child_log_p[rank + 1]), counter,
-                                          (*p.tokens, p.child_ids[rank + 1]), parent, rank + 1))  # fmt: skip
-                    counter += 1
-                rest = p.log_rest[min(rank + 2, len(p.child_ids))]
-                if rest == -math.inf:
-                    side.pop(parent, None)
-                else:
-                    side[parent] = alpha * p.log_p + rest
-            if finished(tokens):
-                found.completions.append(tokens)
-                found.log_p.append(-neg)
-                found.answers.append(answer_of(list(tokens)))
-                found_alpha.append(alpha * -neg)
-            else:
-                todo.append((tokens, -neg))
-        if todo:
-            seqs = lm.start(target.prompt, len(todo), T, policy)
-            tokens_t = seqs.tokens.clone()
-            length = torch.zeros(len(todo), dtype=torch.long)
-            for r, (tokens, _) in enumerate(todo):
-                if tokens:
-                    tokens_t[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                length[r] = len(tokens)
-            logp, cost, _ = lm.next_token_logprobs(seqs.with_(tokens=tokens_t, length=length))
-            found.expansions += len(todo)
-            found.scored_tokens += int(cost.scored_tokens.sum())
-            top_lp, top_ids = torch.topk(logp, K, dim=1)
-            for r, (tokens, lp) in enumerate(todo):
-                child_lp = top_lp[r]
-                keep = child_lp > -math.inf
-                child_lp, ids = child_lp[keep], top_ids[r][keep]
-                if child_lp.numel() == 0:
-                    continue
-                log_all = float(torch.logsumexp(alpha * logp[r], dim=0))
-                # log Σ_{rank >= j} p^α for j = 0..k-1, then the children beyond the best k (log of a difference).
-                suffix = torch.logcumsumexp((alpha * child_lp).flip(0), dim=0).flip(0)
-                # Listing fewer than all children, keep 1e-12 of slack so rounding never lowers the bound.
-                beyond = -math.inf
-                if lm.vocab_size > K:
-                    beyond = _logaddexp(_log_diff(log_all, float(suffix[0])), log_all - 27.7)
-                log_rest = [_logaddexp(float(s), beyond) for s in suffix] + [beyond]
-                parents.append(_Parent(tokens, lp, child_lp.tolist(), ids.tolist(), log_rest))
-                index = len(parents) - 1
-                heapq.heappush(heap, (-(lp + float(child_lp[0])), counter, (*tokens, int(ids[0])), index, 0))
-                counter += 1
-                if log_rest[1] > -math.inf:
-                    side[index] = alpha * lp + log_rest[1]
+    def taken(parent: int, rank: int) -> None:
+        """Child ``rank`` of ``parent`` left the frontier: its next sibling enters it."""
+        p = parents[parent]
+        if rank + 1 < len(p.child_ids):
+            push(p.log_p + p.child_log_p[rank + 1], (*p.tokens, p.child_ids[rank + 1]), parent, rank + 1)
+        rest = p.log_rest[min(rank + 2, len(p.child_ids))]
+        if rest == -math.inf:
+            side.pop(parent, None)
+        else:
+            side[parent] = alpha * p.log_p + rest
+
+    def record(tokens: tuple[int, ...], log_p: float) -> None:
+        found.completions.append(tokens)
+        found.log_p.append(log_p)
+        found.answers.append(answer_of(list(tokens)))
+        found_alpha.append(alpha * log_p)
+
+    def expand(tokens: tuple[int, ...], log_p: float, logp: torch.Tensor) -> tuple[tuple[int, ...], float] | None:
+        """Register an expanded prefix and take its most probable child (returned, or None if it has none)."""
+        child_lp, ids = torch.topk(logp, K)
+        keep = child_lp > -math.inf
+        child_lp, ids = child_lp[keep], ids[keep]
+        if child_lp.numel() == 0:
+            return None
+        log_all = float(torch.logsumexp(alpha * logp, dim=0))
+        # log Σ_{rank >= j} p^α for j = 0..k-1, then the children beyond the best k (log of a difference).
+        suffix = torch.logcumsumexp((alpha * child_lp).flip(0), dim=0).flip(0)
+        beyond = -math.inf
+        if lm.vocab_size > K:  # rounding must never lower the bound: keep 1e-12 of slack
+            beyond = _logaddexp(_log_diff(log_all, float(suffix[0])), log_all - 27.7)
+        log_rest = [_logaddexp(float(v), beyond) for v in suffix] + [beyond]
+        parents.append(_Parent(tokens, log_p, child_lp.tolist(), ids.tolist(), log_rest))
+        taken(len(parents) - 1, 0)
+        return (*tokens, int(ids[0])), log_p + float(child_lp[0])
+
+    def done() -> bool:
         found.log_found = _logsumexp(found_alpha)
-        found.log_rest_bound = rest_bound()
-        if found.tv_bound <= tol:
-            break
-    found.log_found = _logsumexp(found_alpha)
-    found.log_rest_bound = rest_bound()
+        found.log_rest_bound = _logsumexp([alpha * -h[0] for h in heap] + list(side.values()))
+        return found.tv_bound <= tol or found.expansions >= max_expansions
+
+    while heap and not done():
+        # The most probable prefixes of the frontier, each then followed greedily ("dived") to a completion: every
+        # node on the way is expanded (one token fed per step, the cache carried), its other children enter the
+        # frontier lazily, best first.
+        rows: list[tuple[tuple[int, ...], float]] = []
+        while heap and len(rows) < batch:
+            neg, _, tokens, parent, rank = heapq.heappop(heap)
+            if parent >= 0:
+                taken(parent, rank)
+            if finished(tokens):
+                record(tokens, -neg)
+            else:
+                rows.append((tokens, -neg))
+        if not rows:
+            continue
+        seqs = lm.start(target.prompt, len(rows), T, policy)
+        tokens_t, length = seqs.tokens.clone(), torch.tensor([len(t) for t, _ in rows], dtype=torch.long)
+        for r, (tokens, _) in enumerate(rows):
+            tokens_t[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        seqs = seqs.with_(tokens=tokens_t, length=length)
+        while rows:
+            logp, cost, seqs = lm.next_token_logprobs(seqs)
+            found.expansions += len(rows)
+            found.scored_tokens += int(cost.scored_tokens.sum())
+            alive, kept = [], []
+            for r, (tokens, log_p) in enumerate(rows):
+                child = expand(tokens, log_p, logp[r])
+                if child is None:
+                    continue
+                if finished(child[0]):
+                    record(*child)
+                else:
+                    alive.append(child)
+                    kept.append(r)
+            rows = alive
+            if rows and done():  # stop mid-dive: the prefixes reached go back to the frontier (no sibling owed)
+                for tokens, log_p in rows:
+                    push(log_p, tokens, -1, -1)
+                break
+            if rows:
+                seqs = seqs.take(torch.tensor(kept, dtype=torch.long))
+                tokens_t, length = seqs.tokens.clone(), seqs.length.clone()
+                tokens_t[torch.arange(len(rows)), length] = torch.tensor([t[-1] for t, _ in rows], dtype=torch.long)
+                seqs = seqs.with_(tokens=tokens_t, length=length + 1)
+    done()
+    order = sorted(range(len(found.completions)), key=lambda n: -found.log_p[n])
+    found.completions = [found.completions[n] for n in order]
+    found.log_p = [found.log_p[n] for n in order]
+    found.answers = [found.answers[n] for n in order]
     return found
 
 
