@@ -21,7 +21,9 @@ unit, averaged per problem over seeds, with the SE over problems and a 95% boots
 also report the share of units whose answer differs from their starting low-temperature sample's.
 
 Writes ``<out>/<task>/frontier.json``, ``frontier.md`` (the table) and ``frontier_<task>.png`` (accuracy against
-decode tokens per unit).
+decode tokens per unit). When :mod:`benchmarks.exact_pi` has run into the same folder, π's own accuracy (certified
+enumeration: what every exact sampler of π converges to) is added as a row and a line, paired against the
+reference over the problems both have.
 """
 
 from __future__ import annotations
@@ -197,6 +199,16 @@ def report(points: list[Point], out: Path, reference: str | None, seed: int = 0)
             shared = {k: records[p.label][k] for k in common}
             entry["vs_reference_common_units"] = paired(shared, {k: records[reference][k] for k in common}, rng)
         result["points"][p.label] = entry
+    exact = out / "exact-pi" / "exact_pi.json"  # benchmarks.exact_pi: π's own accuracy, certified
+    if exact.exists():
+        summary = json.loads(exact.read_text())
+        result["exact_pi"] = {
+            "problems": summary["problems"],
+            "accuracy": summary["pi_accuracy"],
+            "accuracy_se_problems": summary["pi_accuracy_se"],
+            "mean_tv_bound": summary["mean_tv_bound"],
+            "vs_reference": summary["vs_points"].get(reference) if reference else None,
+        }
     return result
 
 
@@ -234,6 +246,13 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {label} | {e['units']} | {len(e['seeds'])} | {e['accuracy']:.3f}{se} | "
             f"{e['decode_tokens_per_unit']:.0f} | {e['scored_tokens_per_unit']:.0f} | {wall} | {changed} | {diff} |"
         )
+    pi = result.get("exact_pi")
+    if pi:
+        se = "" if pi["accuracy_se_problems"] is None else f" ± {pi['accuracy_se_problems']:.3f} (problems)"
+        lines.append(
+            f"| π itself (exact, bound {pi['mean_tv_bound']:.3f}) | {pi['problems']} problems | – | "
+            f"{pi['accuracy']:.3f}{se} | – | – | – |  | {_diff(pi.get('vs_reference'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -249,6 +268,12 @@ def plot(result: dict[str, Any], task: str, path: Path) -> Path:
         y = [e["accuracy"] for e in entries]
         err = [e["accuracy_se_seeds"] or 0.0 for e in entries]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    pi = result.get("exact_pi")
+    if pi:
+        se = pi["accuracy_se_problems"] or 0.0
+        ax.axhline(pi["accuracy"], color="k", ls="--", lw=1.0,
+                   label=f"π itself, exactly ({pi['problems']} problems, ± SE)")  # fmt: skip
+        ax.axhspan(pi["accuracy"] - se, pi["accuracy"] + se, color="k", alpha=0.08)
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens per unit (log)")
     ax.set_ylabel("accuracy (± SE over seeds)")

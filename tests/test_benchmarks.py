@@ -314,3 +314,9 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
     again = exact_pi.main(["--quick", "--out", str(tmp_path)])
     assert len((tmp_path / "arithmetic" / "exact-pi" / "problems.jsonl").read_text().splitlines()) == 2
     assert again["vs_points"]["low-temp"]["diff"] == round(again["pi_accuracy"] - 1.0, 4)
+    # The frontier's report and table carry π as a row paired against its reference.
+    from benchmarks.frontier import Point, markdown_table, report
+
+    result = report([Point("low-temp")], tmp_path / "arithmetic", "low-temp")
+    assert result["exact_pi"]["problems"] == 2 and result["exact_pi"]["vs_reference"]["problems"] == 2
+    assert "π itself" in markdown_table(result).splitlines()[-1]
