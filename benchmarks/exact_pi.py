@@ -69,6 +69,7 @@ def exact_answer_distribution(
         "completions": len(found.completions),
         "best_log_p": found.log_p[0],
         "expansions": found.expansions,
+        "exhausted": found.exhausted,
         "scored_tokens": found.scored_tokens,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     if path.exists():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("settings") == _settings(args):
+            if reusable(row, _settings(args, budget=False), args.tol, args.max_expansions):
                 done[row["problem_id"]] = row
     task = load_task(args.task)
     problems = task.problems(args.limit)
@@ -106,9 +107,20 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     return [done[p.id] for p in problems]
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens, "tol": args.tol,
-            "max_expansions": args.max_expansions, "top_children": args.top_children}  # fmt: skip
+def reusable(row: dict[str, Any], settings: dict[str, Any], tol: float, max_expansions: int) -> bool:
+    """Whether a saved line answers a run with these ``settings`` (all but the budget), ``tol`` and budget: a line
+    carries its own certificate, so it counts if it reached ``tol``, ran out of prefixes, or spent at least
+    ``max_expansions`` (a larger budget recomputes the problems a smaller one left open)."""
+    saved = dict(row.get("settings", {}))
+    if saved.pop("max_expansions", None) is None or saved != settings:
+        return False
+    return row["tv_bound"] <= tol or row.get("exhausted", False) or row["expansions"] >= max_expansions
+
+
+def _settings(args: argparse.Namespace, budget: bool = True) -> dict[str, Any]:
+    out = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
+           "tol": args.tol, "top_children": args.top_children}  # fmt: skip
+    return {**out, "max_expansions": args.max_expansions} if budget else out
 
 
 def summarize(rows: list[dict[str, Any]], task_folder: Path, seed: int = 0) -> dict[str, Any]:

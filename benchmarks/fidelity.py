@@ -103,7 +103,7 @@ def _stage(folder: Path, name: str, settings: dict[str, Any], compute: Any) -> A
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.exact_pi import exact_answer_distribution
+    from benchmarks.exact_pi import exact_answer_distribution, reusable
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.infer import MCMCSampler
     from egps_ppl.infer.batched import Unit, run_units
@@ -140,7 +140,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p, o in zip(problems, outs, strict=True)
         ]
 
+    reuse = {}  # lines of a benchmarks.exact_pi run with the same settings (--exact-from)
+    if args.exact_from:
+        wanted = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
+                  "tol": args.exact_tol, "top_children": args.exact_top_children}  # fmt: skip
+        for line in Path(args.exact_from).read_text().splitlines():
+            row = json.loads(line)
+            if reusable(row, wanted, args.exact_tol, args.exact_expansions):
+                reuse[row["problem_id"]] = row
+
     def exact_reference(i: int) -> dict[str, Any]:
+        if problems[i].id in reuse:
+            return reuse[problems[i].id]
         row = exact_answer_distribution(
             task, lm, problems[i], prompts[i], args.alpha, args.max_new_tokens, tol=args.exact_tol,
             max_expansions=args.exact_expansions, batch=args.exact_batch, top_children=args.exact_top_children,
@@ -337,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--exact-expansions", type=int, default=50_000, help="most prefixes expanded per problem")
     parser.add_argument("--exact-top-children", type=int, default=64, help="children generated per prefix")
     parser.add_argument("--exact-batch", type=int, default=64, help="prefixes followed together by the enumeration")
+    parser.add_argument("--exact-from", default=None,
+                        help="problems.jsonl of a benchmarks.exact_pi run to reuse")  # fmt: skip
     parser.add_argument("--ref-chains", type=int, default=32)
     parser.add_argument("--ref-steps", type=int, default=30)
     parser.add_argument("--ref-particles", type=int, default=64)

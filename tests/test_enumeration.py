@@ -38,7 +38,7 @@ def test_exhaustive_search_is_exact(seed: int, answer) -> None:
     found = enumerate_power(target, answer, tol=0.0, top_children=4)
     exact = _exact_marginal(model, 4.0, 5, answer)
     assert len(found.completions) == len(ExactPower(model, 4.0, 5).enumerate()[0])
-    assert found.tv_bound < 1e-12
+    assert found.tv_bound < 1e-12 and found.exhausted
     assert _tv(found.marginal(), exact) < 1e-9
     # log p of each completion is the model's.
     for ids, lp in zip(found.completions[:20], found.log_p[:20], strict=False):
@@ -76,7 +76,7 @@ def test_best_first_order_and_budget() -> None:
     assert all(a >= b - 1e-12 for a, b in zip(found.log_p, found.log_p[1:], strict=False))
     assert found.answers[0] == found.completions[0]  # no answer function: the completion itself
     capped = enumerate_power(target, tol=0.0, batch=3, max_expansions=7)
-    assert 7 <= capped.expansions < 7 + 3 and capped.tv_bound > 0
+    assert 7 <= capped.expansions < 7 + 3 and capped.tv_bound > 0 and not capped.exhausted
 
 
 def test_hf_first_token_against_softmax() -> None:

@@ -43,6 +43,7 @@ import torch
 
 from egps_ppl.errors import EGPSError, check_positive_int
 from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.state import Sequences
 from egps_ppl.target import PowerDistribution
 
 AnswerFn = Callable[[list[int]], Hashable]
@@ -70,6 +71,9 @@ class PowerEnumeration:
         Tokens fed to the model in all.
     log_found : float
         ``log F``: the log mass ``log Σ p(x)^α`` of the completions found.
+    exhausted : bool
+        Whether the search ran out of prefixes (every completion reachable through ``top_children`` children per
+        prefix was found; what remains of the bound is the children never generated).
     """
 
     completions: list[tuple[int, ...]]
@@ -80,6 +84,7 @@ class PowerEnumeration:
     expansions: int
     scored_tokens: int
     log_found: float = -math.inf
+    exhausted: bool = False
 
     @property
     def tv_bound(self) -> float:
@@ -250,56 +255,71 @@ def enumerate_power(
         taken(len(parents) - 1, 0)
         return (*tokens, int(ids[0])), log_p + float(child_lp[0])
 
+    rows: list[tuple[tuple[int, ...], float]] = []  # the prefixes being dived, with their log p
+
     def done() -> bool:
+        # Unfound mass: the frontier, the children not yet in it, and the prefixes being dived.
+        frontier = [alpha * -h[0] for h in heap] + [alpha * lp for _, lp in rows] + list(side.values())
         found.log_found = _logsumexp(found_alpha)
-        found.log_rest_bound = _logsumexp([alpha * -h[0] for h in heap] + list(side.values()))
+        found.log_rest_bound = _logsumexp(frontier)
         return found.tv_bound <= tol or found.expansions >= max_expansions
 
-    while heap and not done():
-        # The most probable prefixes of the frontier, each then followed greedily ("dived") to a completion: every
-        # node on the way is expanded (one token fed per step, the cache carried), its other children enter the
-        # frontier lazily, best first.
-        rows: list[tuple[tuple[int, ...], float]] = []
-        while heap and len(rows) < batch:
-            neg, _, tokens, parent, rank = heapq.heappop(heap)
-            if parent >= 0:
-                taken(parent, rank)
-            if finished(tokens):
-                record(tokens, -neg)
-            else:
-                rows.append((tokens, -neg))
-        if not rows:
-            continue
-        seqs = lm.start(target.prompt, len(rows), T, policy)
-        tokens_t, length = seqs.tokens.clone(), torch.tensor([len(t) for t, _ in rows], dtype=torch.long)
-        for r, (tokens, _) in enumerate(rows):
+    def fresh(prefixes: list[tuple[tuple[int, ...], float]]) -> Sequences:
+        seqs = lm.start(target.prompt, len(prefixes), T, policy)
+        tokens_t = seqs.tokens.clone()
+        for r, (tokens, _) in enumerate(prefixes):
             tokens_t[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        seqs = seqs.with_(tokens=tokens_t, length=length)
-        while rows:
-            logp, cost, seqs = lm.next_token_logprobs(seqs)
-            found.expansions += len(rows)
-            found.scored_tokens += int(cost.scored_tokens.sum())
-            alive, kept = [], []
-            for r, (tokens, log_p) in enumerate(rows):
-                child = expand(tokens, log_p, logp[r])
-                if child is None:
-                    continue
-                if finished(child[0]):
-                    record(*child)
+        return seqs.with_(tokens=tokens_t, length=torch.tensor([len(t) for t, _ in prefixes], dtype=torch.long))
+
+    # The most probable prefixes of the frontier are followed greedily ("dived") to a completion: every node on the
+    # way is expanded (one token fed per step, the cache carried), its other children enter the frontier lazily,
+    # best first. When half the dives have ended, the batch is refilled from the frontier.
+    seqs: Sequences | None = None
+    while not done():
+        if len(rows) <= batch // 2 and heap:
+            new: list[tuple[tuple[int, ...], float]] = []
+            while heap and len(rows) + len(new) < batch:
+                neg, _, tokens, parent, rank = heapq.heappop(heap)
+                if parent >= 0:
+                    taken(parent, rank)
+                if finished(tokens):
+                    record(tokens, -neg)
                 else:
-                    alive.append(child)
-                    kept.append(r)
-            rows = alive
-            if rows and done():  # stop mid-dive: the prefixes reached go back to the frontier (no sibling owed)
-                for tokens, log_p in rows:
-                    push(log_p, tokens, -1, -1)
-                break
-            if rows:
-                seqs = seqs.take(torch.tensor(kept, dtype=torch.long))
-                tokens_t, length = seqs.tokens.clone(), seqs.length.clone()
-                tokens_t[torch.arange(len(rows)), length] = torch.tensor([t[-1] for t, _ in rows], dtype=torch.long)
-                seqs = seqs.with_(tokens=tokens_t, length=length + 1)
+                    new.append((tokens, -neg))
+            if new:
+                seqs = fresh(new) if seqs is None else seqs.concat(fresh(new))
+                rows += new
+        if not rows:
+            if heap:
+                continue
+            break
+        assert seqs is not None
+        logp, cost, seqs = lm.next_token_logprobs(seqs)
+        found.expansions += len(rows)
+        found.scored_tokens += int(cost.scored_tokens.sum())
+        alive, kept = [], []
+        for r, (tokens, log_p) in enumerate(rows):
+            child = expand(tokens, log_p, logp[r])
+            if child is None:
+                continue
+            if finished(child[0]):
+                record(*child)
+            else:
+                alive.append(child)
+                kept.append(r)
+        rows = alive
+        if not rows:
+            seqs = None
+            continue
+        seqs = seqs.take(torch.tensor(kept, dtype=torch.long))
+        tokens_t, length = seqs.tokens.clone(), seqs.length.clone()
+        tokens_t[torch.arange(len(rows)), length] = torch.tensor([t[-1] for t, _ in rows], dtype=torch.long)
+        seqs = seqs.with_(tokens=tokens_t, length=length + 1)
+    for tokens, log_p in rows:  # stopped mid-dive: the prefixes reached go back to the frontier (no sibling owed)
+        push(log_p, tokens, -1, -1)
+    rows = []
     done()
+    found.exhausted = not heap
     order = sorted(range(len(found.completions)), key=lambda n: -found.log_p[n])
     found.completions = [found.completions[n] for n in order]
     found.log_p = [found.log_p[n] for n in order]
