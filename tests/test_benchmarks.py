@@ -320,3 +320,20 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
     result = report([Point("low-temp")], tmp_path / "arithmetic", "low-temp")
     assert result["exact_pi"]["problems"] == 2 and result["exact_pi"]["vs_reference"]["problems"] == 2
     assert "π itself" in markdown_table(result).splitlines()[-1]
+
+
+def test_fidelity_takes_the_exact_reference_from_an_exact_pi_run(tmp_path: Path) -> None:
+    from benchmarks import exact_pi, fidelity
+
+    exact_pi.main(["--quick", "--out", str(tmp_path / "frontier")])
+    lines = tmp_path / "frontier" / "arithmetic" / "exact-pi" / "problems.jsonl"
+    rows = {r["problem_id"]: r for r in map(json.loads, lines.read_text().splitlines())}
+    # Mark the lines so that a recomputation could not produce them: fidelity must reuse them as they are.
+    lines.write_text("".join(json.dumps({**r, "pi_accuracy": 0.25}) + "\n" for r in rows.values()))
+    payload = fidelity.main(["--quick", "--out", str(tmp_path / "fid"), "--exact-from", str(lines)])
+    assert [p["problem_id"] for p in payload["problems"]] == list(rows)
+    assert all(p["pi_accuracy"] == 0.25 for p in payload["problems"])
+    # Other settings (another tolerance) are not reused.
+    other = ["--exact-from", str(lines), "--exact-tol", "0.2"]
+    again = fidelity.main(["--quick", "--out", str(tmp_path / "fid2"), *other])
+    assert all(p["pi_accuracy"] != 0.25 for p in again["problems"])
