@@ -208,7 +208,17 @@ def report(points: list[Point], out: Path, reference: str | None, seed: int = 0)
             "accuracy_se_problems": summary["pi_accuracy_se"],
             "mean_tv_bound": summary["mean_tv_bound"],
             "vs_reference": summary["vs_points"].get(reference) if reference else None,
+            "accuracy_interval": summary.get("pi_accuracy_interval"),
         }
+        certified = summary.get("certified") or {}
+        if certified.get("problems"):
+            result["exact_pi"]["certified"] = {
+                "bound": certified["bound"],
+                "problems": certified["problems"],
+                "accuracy": certified["pi_accuracy"],
+                "accuracy_se_problems": certified["pi_accuracy_se"],
+                "vs_reference": certified["vs_points"].get(reference) if reference else None,
+            }
     return result
 
 
@@ -250,9 +260,16 @@ def markdown_table(result: dict[str, Any]) -> str:
     if pi:
         se = "" if pi["accuracy_se_problems"] is None else f" ± {pi['accuracy_se_problems']:.3f} (problems)"
         lines.append(
-            f"| π itself (exact, bound {pi['mean_tv_bound']:.3f}) | {pi['problems']} problems | – | "
+            f"| π itself (found; mean bound {pi['mean_tv_bound']:.3f}) | {pi['problems']} problems | – | "
             f"{pi['accuracy']:.3f}{se} | – | – | – |  | {_diff(pi.get('vs_reference'))} |"
         )
+        cert = pi.get("certified")
+        if cert:
+            se = "" if cert["accuracy_se_problems"] is None else f" ± {cert['accuracy_se_problems']:.3f} (problems)"
+            lines.append(
+                f"| π itself (certified, bound <= {cert['bound']}) | {cert['problems']} problems | – | "
+                f"{cert['accuracy']:.3f}{se} | – | – | – |  | {_diff(cert.get('vs_reference'))} |"
+            )
     return "\n".join(lines)
 
 

@@ -302,6 +302,8 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
         assert abs(sum(row["marginal"].values()) - 1.0) < 1e-9 and 0.0 < row["tv_bound"] <= 1.0
         assert 0.0 <= row["pi_accuracy"] <= 1.0 and row["completions"] >= 1
     assert payload["vs_points"] == {}  # no frontier run beside it
+    low, high = payload["pi_accuracy_interval"]
+    assert low <= payload["pi_accuracy"] <= high and payload["certified"]["problems"] == 0  # tiny-gpt2: no bound
     # A frontier point beside it is paired problem by problem; the second run computes nothing new.
     point = tmp_path / "arithmetic" / "low-temp"
     point.mkdir()
