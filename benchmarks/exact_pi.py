@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import environment, set_threads
+from benchmarks.frontier import _records, mean_se, paired
 
 NAME = "exact_pi"
 FOLDER = "exact-pi"
@@ -131,8 +131,6 @@ CERTIFIED = 0.05
 def summarize(rows: list[dict[str, Any]], task_folder: Path, seed: int = 0) -> dict[str, Any]:
     """Mean π accuracy ± SE over problems, its certified interval, and paired differences against the frontier's
     points: over all problems (π taken as what was found) and over the certified ones (bound <= 0.05)."""
-    from benchmarks.frontier import _records, paired
-
     n = len(rows)
     bounds = [r["tv_bound"] for r in rows]
     summary: dict[str, Any] = {
@@ -166,10 +164,7 @@ def summarize(rows: list[dict[str, Any]], task_folder: Path, seed: int = 0) -> d
 
 
 def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(rows)
-    accs = [r["pi_accuracy"] for r in rows]
-    mean = sum(accs) / n
-    se = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n) if n > 1 else None
+    mean, se = mean_se([r["pi_accuracy"] for r in rows])
     return {"pi_accuracy": round(mean, 4), "pi_accuracy_se": None if se is None else round(se, 4)}
 
 

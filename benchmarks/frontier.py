@@ -131,6 +131,19 @@ def _records(run_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return {(r["problem_id"], int(r["seed"])): r for r in read_results(path)}
 
 
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (``None`` for a single value).
+
+    Examples
+    --------
+    >>> mean_se([1.0, 0.0])
+    (0.5, 0.5)
+    """
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None)
+
+
 def paired(
     a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict], rng: random.Random, reps: int = 2000
 ) -> dict[str, Any] | None:
@@ -143,8 +156,7 @@ def paired(
         by_problem.setdefault(key[0], []).append(float(a[key]["correct"]) - float(b[key]["correct"]))
     diffs = [sum(v) / len(v) for v in by_problem.values()]
     n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    mean, se = mean_se(diffs)
     boots = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(reps))
     return {
         "diff": round(mean, 4),
@@ -162,9 +174,7 @@ def point_report(run_dir: Path, records: dict[tuple[str, int], dict]) -> dict[st
     by_seed: dict[int, list[bool]] = {}
     for (_, seed), r in records.items():
         by_seed.setdefault(seed, []).append(bool(r["correct"]))
-    accs = [sum(v) / len(v) for v in by_seed.values()]
-    mean = sum(accs) / len(accs)
-    se = math.sqrt(sum((x - mean) ** 2 for x in accs) / (len(accs) - 1) / len(accs)) if len(accs) > 1 else None
+    mean, se = mean_se([sum(v) / len(v) for v in by_seed.values()])
     units = len(records)
     timing_path = run_dir / "frontier_timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
@@ -257,19 +267,17 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{e['decode_tokens_per_unit']:.0f} | {e['scored_tokens_per_unit']:.0f} | {wall} | {changed} | {diff} |"
         )
     pi = result.get("exact_pi")
+    rows = []
     if pi:
-        se = "" if pi["accuracy_se_problems"] is None else f" ± {pi['accuracy_se_problems']:.3f} (problems)"
+        rows.append((f"π itself (found; mean bound {pi['mean_tv_bound']:.3f})", pi))
+        if pi.get("certified"):
+            rows.append((f"π itself (certified, bound <= {pi['certified']['bound']})", pi["certified"]))
+    for label, e in rows:
+        se = "" if e["accuracy_se_problems"] is None else f" ± {e['accuracy_se_problems']:.3f} (problems)"
         lines.append(
-            f"| π itself (found; mean bound {pi['mean_tv_bound']:.3f}) | {pi['problems']} problems | – | "
-            f"{pi['accuracy']:.3f}{se} | – | – | – |  | {_diff(pi.get('vs_reference'))} |"
+            f"| {label} | {e['problems']} problems | – | {e['accuracy']:.3f}{se} | – | – | – |  | "
+            f"{_diff(e.get('vs_reference'))} |"
         )
-        cert = pi.get("certified")
-        if cert:
-            se = "" if cert["accuracy_se_problems"] is None else f" ± {cert['accuracy_se_problems']:.3f} (problems)"
-            lines.append(
-                f"| π itself (certified, bound <= {cert['bound']}) | {cert['problems']} problems | – | "
-                f"{cert['accuracy']:.3f}{se} | – | – | – |  | {_diff(cert.get('vs_reference'))} |"
-            )
     return "\n".join(lines)
 
 

@@ -209,7 +209,6 @@ def enumerate_power(
     parents: list[_Parent] = []
     side: dict[int, float] = {}  # parent -> α log p(u) + log Σ (its children not yet pushed)
     found = PowerEnumeration([], [], [], alpha, 0.0, 0, 0)
-    found_alpha: list[float] = []
     K = min(top_children, lm.vocab_size)
 
     def finished(tokens: tuple[int, ...]) -> bool:
@@ -235,7 +234,6 @@ def enumerate_power(
         found.completions.append(tokens)
         found.log_p.append(log_p)
         found.answers.append(answer_of(list(tokens)))
-        found_alpha.append(alpha * log_p)
 
     def expand(tokens: tuple[int, ...], log_p: float, logp: torch.Tensor) -> tuple[tuple[int, ...], float] | None:
         """Register an expanded prefix and take its most probable child (returned, or None if it has none)."""
@@ -260,7 +258,7 @@ def enumerate_power(
     def done() -> bool:
         # Unfound mass: the frontier, the children not yet in it, and the prefixes being dived.
         frontier = [alpha * -h[0] for h in heap] + [alpha * lp for _, lp in rows] + list(side.values())
-        found.log_found = _logsumexp(found_alpha)
+        found.log_found = _logsumexp([alpha * lp for lp in found.log_p])
         found.log_rest_bound = _logsumexp(frontier)
         return found.tv_bound <= tol or found.expansions >= max_expansions
 
