@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     problems = task.problems(args.limit)
     missing = [p for p in problems if p.id not in done]
     if missing:
-        lm = load_model(args.model)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
         folder.mkdir(parents=True, exist_ok=True)
         for problem in missing:
             row = exact_answer_distribution(
@@ -112,7 +112,7 @@ def reusable(row: dict[str, Any], settings: dict[str, Any], tol: float, max_expa
     """Whether a saved line answers a run with these ``settings`` (all but the budget), ``tol`` and budget: a line
     carries its own certificate, so it counts if it reached ``tol``, ran out of prefixes, or spent at least
     ``max_expansions`` (a larger budget recomputes the problems a smaller one left open)."""
-    saved = dict(row.get("settings", {}))
+    saved = {"dtype": "float32", **row.get("settings", {})}  # lines written before the dtype was recorded
     if saved.pop("max_expansions", None) is None or saved != settings:
         return False
     return row["tv_bound"] <= tol or row.get("exhausted", False) or row["expansions"] >= max_expansions
@@ -120,7 +120,7 @@ def reusable(row: dict[str, Any], settings: dict[str, Any], tol: float, max_expa
 
 def _settings(args: argparse.Namespace, budget: bool = True) -> dict[str, Any]:
     out = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
-           "tol": args.tol, "top_children": args.top_children}  # fmt: skip
+           "tol": args.tol, "top_children": args.top_children, "dtype": args.dtype}  # fmt: skip
     return {**out, "max_expansions": args.max_expansions} if budget else out
 
 
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--top-children", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="prefixes followed together (one forward call)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="runs/frontier")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 2 problems, 6 tokens, greedy children")
     args = parser.parse_args(argv)

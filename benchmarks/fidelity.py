@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from egps_ppl.models.registry import load_model
     from egps_ppl.target import PowerDistribution
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     task = load_task(args.task)
     problems = task.problems(args.problems)
     prompts = [task.build_prompt(p, lm) for p in problems]
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reuse = {}  # lines of a benchmarks.exact_pi run with the same settings (--exact-from)
     if args.exact_from:
         wanted = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
-                  "tol": args.exact_tol, "top_children": args.exact_top_children}  # fmt: skip
+                  "tol": args.exact_tol, "top_children": args.exact_top_children, "dtype": args.dtype}  # fmt: skip
         for line in Path(args.exact_from).read_text().splitlines():
             row = json.loads(line)
             if reusable(row, wanted, args.exact_tol, args.exact_expansions):
@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=4.0)

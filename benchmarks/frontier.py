@@ -14,11 +14,12 @@ command resumes it (finished units are never recomputed).
 
 For every point the report gives accuracy ± SE over seeds, decode and scored tokens per unit, and wall-clock
 seconds per unit (total seconds of the point's ``evaluate`` calls over the units they computed, recorded in
-``frontier_timing.json``; measured on a shared machine, so only the token counts are exact). Methods are compared
-by **paired differences** on the units every compared point has finished: ``d = correct(A) - correct(B)`` per
-unit, averaged per problem over seeds, with the SE over problems and a 95% bootstrap interval over problems
-(2,000 resamples), against the reference point (``--reference``, default MH at its largest budget). MCMC points
-also report the share of units whose answer differs from their starting low-temperature sample's.
+``frontier_timing.json``, kept per device type; measured on a shared machine, so only the token counts are
+exact). ``--device cuda`` runs the model on a GPU. Methods are compared by **paired differences** on the units
+every compared point has finished: ``d = correct(A) - correct(B)`` per unit, averaged per problem over seeds, with
+the SE over problems and a 95% bootstrap interval over problems (2,000 resamples), against the reference point
+(``--reference``, default MH at its largest budget). MCMC points also report the share of units whose answer
+differs from their starting low-temperature sample's.
 
 Writes ``<out>/<task>/frontier.json``, ``frontier.md`` (the table) and ``frontier_<task>.png`` (accuracy against
 decode tokens per unit). When :mod:`benchmarks.exact_pi` has run into the same folder, π's own accuracy (certified
@@ -67,10 +68,11 @@ MCMC_METHODS = ("mh", "entropy-cut-mh", "egps", "egps-local")
 MCMC_STEPS = (2, 5, 10)
 
 
-def default_points() -> list[Point]:
-    """The frontier of issue #10: MCMC at 3 step budgets, the others at 2 budgets (low-temp has none)."""
+def default_points(steps: tuple[int, ...] = MCMC_STEPS) -> list[Point]:
+    """The frontier of issue #10: MCMC at 3 step budgets (``steps``), the others at 2 budgets (low-temp has
+    none)."""
     points = [Point("low-temp"), Point("plain")]
-    points += [Point(m, "steps", s) for s in MCMC_STEPS for m in MCMC_METHODS]
+    points += [Point(m, "steps", s) for s in steps for m in MCMC_METHODS]
     points += [Point("best-of-n", "n", n) for n in (4, 8)]
     points += [Point("smc", "particles", p, (("ess_every", 8),)) for p in (8, 16)]
     sps = (("top_k", 4), ("horizon", 32), ("block_size", 16))
@@ -83,6 +85,31 @@ def quick_points() -> list[Point]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+TIMING_FILE = "frontier_timing.json"
+"""Per point: ``{device kind: {"seconds": s, "units": n}}``, the wall-clock of the units computed there."""
+
+
+def device_kind(device: str, dtype: str = "float32") -> str:
+    """The key wall-clock time is kept under: the device type, and the dtype unless float32.
+
+    Examples
+    --------
+    >>> device_kind("cpu"), device_kind("cuda:1", "bfloat16")
+    ('cpu', 'cuda-bfloat16')
+    """
+    kind = device.split(":")[0]
+    return kind if dtype == "float32" else f"{kind}-{dtype}"
+
+
+def read_timing(run_dir: Path) -> dict[str, dict[str, float]]:
+    """A point's :data:`TIMING_FILE` (empty if none; the one-device layout of older runs counts as ``cpu``)."""
+    path = run_dir / TIMING_FILE
+    if not path.exists():
+        return {}
+    timing = json.loads(path.read_text())
+    return {"cpu": timing} if "seconds" in timing else timing
+
+
 def run_points(
     points: list[Point],
     task_spec: str,
@@ -93,31 +120,35 @@ def run_points(
     alpha: float,
     max_new_tokens: int,
     batch: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
-    """Evaluate every point, seed-major, resuming whatever is already in ``out``."""
+    """Evaluate every point, seed-major, resuming whatever is already in ``out``; wall-clock time is kept per
+    device type (``frontier_timing.json``), so a point resumed on a GPU does not mix its seconds with the CPU's."""
     from egps_ppl.evals.methods import load_method
     from egps_ppl.evals.runner import evaluate
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.models.registry import load_model
 
     task = load_task(task_spec)
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
+    kind = device_kind(device, dtype)
     for seed in seeds:
         for point in points:
             method = load_method(point.method, alpha=alpha, **point.load_settings())
             run_dir = out / point.label
-            timing_path = run_dir / "frontier_timing.json"
-            timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"seconds": 0.0, "units": 0}
             started = time.perf_counter()
             summary = evaluate(
                 task, method, lm, [seed], limit, run_dir, resume=True, progress=False,
-                max_new_tokens=max_new_tokens, batch=batch, config={"frontier": point.label},
+                max_new_tokens=max_new_tokens, batch=batch, config={"frontier": point.label, "dtype": dtype},
             )  # fmt: skip
             computed = int(summary.get("computed_this_run", 0))
             if computed:
-                timing = {"seconds": timing["seconds"] + time.perf_counter() - started,
-                          "units": timing["units"] + computed}  # fmt: skip
-                timing_path.write_text(json.dumps(timing) + "\n")
+                timing = read_timing(run_dir)
+                spent = timing.get(kind, {"seconds": 0.0, "units": 0})
+                timing[kind] = {"seconds": spent["seconds"] + time.perf_counter() - started,
+                                "units": spent["units"] + computed}  # fmt: skip
+                (run_dir / TIMING_FILE).write_text(json.dumps(timing) + "\n")
             print(f"seed {seed} {point.label:>22}: {computed} new units", flush=True)
 
 
@@ -176,8 +207,7 @@ def point_report(run_dir: Path, records: dict[tuple[str, int], dict]) -> dict[st
         by_seed.setdefault(seed, []).append(bool(r["correct"]))
     mean, se = mean_se([sum(v) / len(v) for v in by_seed.values()])
     units = len(records)
-    timing_path = run_dir / "frontier_timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+    wall = {k: round(t["seconds"] / t["units"], 3) for k, t in read_timing(run_dir).items() if t["units"]}
     changed = [r["answer_changed"] for r in records.values() if "answer_changed" in r]
     return {
         "units": units,
@@ -186,7 +216,9 @@ def point_report(run_dir: Path, records: dict[tuple[str, int], dict]) -> dict[st
         "accuracy_se_seeds": None if se is None else round(se, 4),
         "decode_tokens_per_unit": round(sum(r["decode_tokens"] for r in records.values()) / units, 1),
         "scored_tokens_per_unit": round(sum(r["scored_tokens"] for r in records.values()) / units, 1),
-        "wall_s_per_unit": None if not timing or not timing["units"] else round(timing["seconds"] / timing["units"], 3),
+        # The CPU's seconds when the point has them (the table's column), else the only device's.
+        "wall_s_per_unit": wall.get("cpu", next(iter(wall.values())) if len(wall) == 1 else None),
+        "wall_s_per_unit_by_device": wall,
         "answer_changed_share": round(sum(changed) / len(changed), 4) if changed else None,
     }
 
@@ -311,7 +343,8 @@ def plot(result: dict[str, Any], task: str, path: Path) -> Path:
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: str, out: str, seeds_help: str | None = None) -> None:
     """The options of a benchmark made of :class:`Point` runs (this one and :mod:`benchmarks.ablations`): task,
-    model, problems, seeds, α, tokens, batch, threads, ``--points``, ``--report-only``, ``--out`` and ``--docs``."""
+    model, problems, seeds, α, tokens, batch, threads, device, dtype, ``--points``, ``--report-only``, ``--out``
+    and ``--docs``."""
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=100)
@@ -320,6 +353,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: str, out: str, 
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--points", default=None, help="comma-separated point labels to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="do not run anything; report what is in --out")
     parser.add_argument("--out", default=out)
@@ -336,7 +371,8 @@ def run_selected(points: list[Point], args: argparse.Namespace) -> tuple[list[Po
     set_threads(args.threads)
     if not args.report_only:
         seeds = [int(s) for s in args.seeds.split(",")]
-        run_points(points, args.task, args.model, seeds, args.limit, out, args.alpha, args.max_new_tokens, args.batch)
+        run_points(points, args.task, args.model, seeds, args.limit, out, args.alpha, args.max_new_tokens, args.batch,
+                   args.device, args.dtype)  # fmt: skip
     return points, out
 
 
@@ -345,10 +381,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_run_arguments(parser, seeds="0,1,2,3", out="runs/frontier")
     parser.add_argument("--reference", default=None, help="point label to compare against (default: largest mh)")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 3 problems, 4 points, 2 seeds")
+    parser.add_argument("--mcmc-steps", default=",".join(map(str, MCMC_STEPS)),
+                        help="comma-separated kernel-step budgets of the MCMC points (default: 2,5,10)")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        steps = tuple(int(s) for s in args.mcmc_steps.split(","))
+    except ValueError:
+        parser.error(f"--mcmc-steps must be comma-separated integers, got {args.mcmc_steps!r}")
+    if any(s < 1 for s in steps):
+        parser.error(f"--mcmc-steps must be at least 1, got {args.mcmc_steps!r}")
     if args.quick:
         args.model, args.limit, args.seeds, args.max_new_tokens, args.batch = "tiny-gpt2", 3, "0,1", 8, 4
-    points, out = run_selected(quick_points() if args.quick else default_points(), args)
+    points, out = run_selected(quick_points() if args.quick else default_points(steps), args)
     task_name = args.task.split(":")[0]
     result = report(points, out, args.reference)
     payload = {
@@ -362,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "batch": args.batch,
             "threads": args.threads,
+            "device": args.device,
+            "dtype": args.dtype,
         },
         "environment": environment(),
         **result,

@@ -104,6 +104,7 @@ def test_frontier_quick(tmp_path: Path) -> None:
     for label, entry in points.items():
         assert entry["units"] == 6 and entry["seeds"] == [0, 1]  # 3 problems x 2 seeds each
         assert entry["decode_tokens_per_unit"] > 0 and entry["wall_s_per_unit"] > 0
+        assert set(entry["wall_s_per_unit_by_device"]) == {"cpu"}
         if label != "mh-steps2":
             assert entry["vs_reference"]["units"] == 6 and entry["vs_reference"]["problems"] == 3
     # More MCMC steps cost more decode tokens; MCMC records say whether the start's answer changed.
@@ -113,6 +114,34 @@ def test_frontier_quick(tmp_path: Path) -> None:
     # Rerunning resumes: nothing is recomputed.
     again = frontier.main(["--quick", "--out", str(tmp_path)])
     assert {k: v["units"] for k, v in again["points"].items()} == {k: v["units"] for k, v in points.items()}
+
+
+def test_frontier_mcmc_step_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import frontier
+
+    labels = [p.label for p in frontier.default_points((40,))]
+    assert "mh-steps40" in labels and "egps-local-steps40" in labels and "mh-steps2" not in labels
+    for bad in ("0", "2,x"):
+        with pytest.raises(SystemExit):
+            frontier.main(["--mcmc-steps", bad, "--report-only", "--out", str(tmp_path)])
+        assert "--mcmc-steps must be" in capsys.readouterr().err
+
+
+def test_frontier_timing_is_kept_per_device(tmp_path: Path) -> None:
+    from benchmarks.frontier import TIMING_FILE, device_kind, read_timing
+
+    assert read_timing(tmp_path) == {}
+    # The one-device layout of runs written before devices were told apart was the CPU's.
+    (tmp_path / TIMING_FILE).write_text(json.dumps({"seconds": 3.0, "units": 2}))
+    assert read_timing(tmp_path) == {"cpu": {"seconds": 3.0, "units": 2}}
+    both = {"cpu": {"seconds": 3.0, "units": 2}, "cuda-bfloat16": {"seconds": 0.5, "units": 4}}
+    (tmp_path / TIMING_FILE).write_text(json.dumps(both))
+    assert read_timing(tmp_path) == both
+    assert [device_kind(d, t) for d, t in [("cpu", "float32"), ("cuda:1", "float32"), ("cuda", "bfloat16")]] == [
+        "cpu",
+        "cuda",
+        "cuda-bfloat16",
+    ]
 
 
 def test_paired_difference_is_clustered_by_problem() -> None:
