@@ -368,3 +368,20 @@ def test_fidelity_takes_the_exact_reference_from_an_exact_pi_run(tmp_path: Path)
     other = ["--exact-from", str(lines), "--exact-tol", "0.2"]
     again = fidelity.main(["--quick", "--out", str(tmp_path / "fid2"), *other])
     assert all(p["pi_accuracy"] != 0.25 for p in again["problems"])
+
+
+def test_subnormal_quick(tmp_path: Path) -> None:
+    from benchmarks import subnormal
+
+    result = subnormal.main(["--quick", "--out", str(tmp_path)])
+    assert 0.0 <= result["per_step"]["subnormal_share_q"] <= 1.0
+    for mode in subnormal.MODES:
+        assert result["per_step"][mode]["next_token_stats_ms"] > 0
+    for entry in result["end_to_end"].values():
+        # Flushing changes only tokens of probability below 1.2e-38: the same units give the same records.
+        assert entry["identical_records"] == "4/4" and entry["flushed_cpu_s"] > 0 and entry["decode_tokens"] > 0
+    assert (tmp_path / "subnormal.png").stat().st_size > 0
+    # The plain functions are put back afterwards.
+    from egps_ppl.models import base, policy
+
+    assert base.exp_flushed is policy.exp_flushed and policy.logsumexp_flushed.__module__ == policy.__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from egps_ppl.errors import EGPSError, NumericalError, check_positive_int
-from egps_ppl.models.policy import PowerPolicy
+from egps_ppl.models.policy import PowerPolicy, exp_flushed
 from egps_ppl.rng import Generator, uniform
 from egps_ppl.state import PAD, RowCache, Sequences
 
@@ -111,15 +111,16 @@ def next_token_stats(logits: torch.Tensor, policy: PowerPolicy) -> NextToken:
     logp = torch.log_softmax(logits, dim=-1)
     if torch.isnan(logp).any():
         raise NumericalError("the model returned a row of logits that are all -inf")
-    probs = logp.exp()
-    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    probs = exp_flushed(logp)
+    # 0 * log 0 = 0: a finite floor on log p keeps -inf out of the product (p is 0 wherever it bites).
+    entropy = -(probs * logp.clamp(min=-1e30)).sum(-1)
     logq, logz = policy.apply(logp)
     return NextToken(logp, logq, entropy, logz)
 
 
 def sample_tokens(logq: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row from ``exp(logq[C, V])`` by inverting the CDF (zero-probability tokens never come out)."""
-    return sample_from_cdf(torch.cumsum(logq.exp(), dim=-1), generator, streams)
+    return sample_from_cdf(torch.cumsum(exp_flushed(logq), dim=-1), generator, streams)
 
 
 def sample_from_cdf(cdf: torch.Tensor, generator: Generator, streams: torch.Tensor | None = None) -> torch.Tensor:

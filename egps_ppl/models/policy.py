@@ -9,6 +9,45 @@ import torch
 
 from egps_ppl.errors import EGPSError, check_alpha
 
+__all__ = ["PowerPolicy", "exp_flushed", "logsumexp_flushed"]
+
+
+def _floor(dtype: torch.dtype) -> float:
+    """Just above ``log`` of the dtype's smallest normal number: ``exp`` of anything at or above it is normal."""
+    return math.log(torch.finfo(dtype).tiny) + 0.01
+
+
+def exp_flushed(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)``, with results below the dtype's smallest normal number (float32: 1.2e-38) flushed to 0.
+
+    On CPUs, ``exp`` is 50-60x slower on arguments whose result is subnormal, and ``α · log p`` over a 49k-token
+    vocabulary has thousands of them per row (about 30% of SmolLM2's at α = 4). A token dropped here had
+    probability below 1.2e-38, far below what the float32 CDF it is sampled from can resolve.
+
+    Examples
+    --------
+    >>> exp_flushed(torch.tensor([0.0, -1.0, -100.0, -math.inf])).tolist()
+    [1.0, 0.3678794503211975, 0.0, 0.0]
+    """
+    floor = _floor(x.dtype)
+    return x.clamp(min=floor).exp_().masked_fill_(x < floor, 0.0)
+
+
+def logsumexp_flushed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.logsumexp(x, dim)`` without subnormal intermediates (see :func:`exp_flushed`).
+
+    Terms more than ``-log(tiny)`` (float32: 87) below the row's largest are raised to that distance before the
+    sum: together they add at most ``V * 1.2e-38`` to a sum of at least 1, which rounds away.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[0.0, -200.0, -math.inf], [-math.inf, -math.inf, -math.inf]])
+    >>> logsumexp_flushed(x).tolist() == torch.logsumexp(x, -1).tolist()
+    True
+    """
+    top = x.amax(dim, keepdim=True)
+    return torch.logsumexp(torch.maximum(x, top + _floor(x.dtype)), dim)
+
 
 @dataclass(frozen=True)
 class PowerPolicy:
@@ -64,7 +103,7 @@ class PowerPolicy:
         scaled = self.alpha * logp
         if self.truncated:
             scaled = self._truncate(scaled)
-        logz = torch.logsumexp(scaled, dim=-1)
+        logz = logsumexp_flushed(scaled)
         return scaled - logz.unsqueeze(-1), logz
 
     def _truncate(self, scaled: torch.Tensor) -> torch.Tensor:
