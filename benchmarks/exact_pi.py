@@ -14,13 +14,16 @@ accuracy ± SE over problems with its certified interval (each problem's found a
 reached, and — when the frontier's run directories are beside it — the paired difference between π and each
 frontier point over the same problems (a point's accuracy per problem averaged over its seeds), over all problems
 and over the certified ones (bound <= 0.05), where π's accuracy is known to ±0.05. This is the accuracy every
-exact sampler of π converges to: the ceiling of the frontier for samplers of this target, not of the model.
+exact sampler of π converges to (not a ceiling: a chain that has not converged can score above it). Each line also
+keeps π's :data:`TOP` most probable completions (text, π share of the mass found, log p, tokens, answer), to read
+what π prefers; ``--problems`` restricts a run to named problems.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -31,6 +34,8 @@ from benchmarks.frontier import _records, mean_se, paired
 
 NAME = "exact_pi"
 FOLDER = "exact-pi"
+TOP = 5
+"""Most probable completions kept per problem line."""
 
 
 def exact_answer_distribution(
@@ -62,6 +67,11 @@ def exact_answer_distribution(
     answers: dict[str, float] = {}
     for (text, _), p in marginal.items():
         answers[text] = answers.get(text, 0.0) + p
+    top = [
+        {"pi": math.exp(alpha * lp - found.log_found), "log_p": lp, "tokens": len(ids), "answer": ans,
+         "correct": ok, "text": lm.decode(list(ids))}
+        for ids, lp, (ans, ok) in zip(found.completions[:TOP], found.log_p, found.answers, strict=False)
+    ]  # fmt: skip
     return {
         "problem_id": problem.id,
         "marginal": answers,
@@ -73,6 +83,7 @@ def exact_answer_distribution(
         "exhausted": found.exhausted,
         "scored_tokens": found.scored_tokens,
         "seconds": round(time.perf_counter() - started, 2),
+        "top": top,
     }
 
 
@@ -90,6 +101,13 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
                 done[row["problem_id"]] = row
     task = load_task(args.task)
     problems = task.problems(args.limit)
+    if args.problems:
+        wanted = args.problems.split(",")
+        unknown = sorted(set(wanted) - {p.id for p in problems})
+        if unknown:
+            raise SystemExit(f"exact_pi: --problems names {', '.join(unknown)}, not among the first {args.limit} "
+                             f"problems of {args.task}")  # fmt: skip
+        problems = [p for p in problems if p.id in wanted]
     missing = [p for p in problems if p.id not in done]
     if missing:
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -183,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--problems", default=None, help="comma-separated problem ids to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 2 problems, 6 tokens, greedy children")
     args = parser.parse_args(argv)
     if args.quick:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -330,6 +331,11 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
     for row in map(json.loads, lines):
         assert abs(sum(row["marginal"].values()) - 1.0) < 1e-9 and 0.0 < row["tv_bound"] <= 1.0
         assert 0.0 <= row["pi_accuracy"] <= 1.0 and row["completions"] >= 1
+        # π's most probable completions, best first, with their share of the mass found.
+        top = row["top"]
+        assert 1 <= len(top) <= min(exact_pi.TOP, row["completions"]) and top[0]["log_p"] == row["best_log_p"]
+        assert all(a["pi"] >= b["pi"] for a, b in itertools.pairwise(top)) and sum(t["pi"] for t in top) <= 1 + 1e-9
+        assert all(t["answer"] in row["marginal"] and t["tokens"] >= 1 for t in top)
     assert payload["vs_points"] == {}  # no frontier run beside it
     low, high = payload["pi_accuracy_interval"]
     assert low <= payload["pi_accuracy"] <= high and payload["certified"]["problems"] == 0  # tiny-gpt2: no bound
@@ -351,6 +357,11 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
     result = report([Point("low-temp")], tmp_path / "arithmetic", "low-temp")
     assert result["exact_pi"]["problems"] == 2 and result["exact_pi"]["vs_reference"]["problems"] == 2
     assert "π itself" in markdown_table(result).splitlines()[-1]
+    # --problems picks named problems; a name that is not there is a one-line error.
+    only = exact_pi.main(["--quick", "--out", str(tmp_path / "only"), "--problems", ids[1]])
+    assert only["problems"] == 1
+    with pytest.raises(SystemExit, match="not among the first 2 problems"):
+        exact_pi.main(["--quick", "--out", str(tmp_path / "only"), "--problems", "no-such-problem"])
 
 
 def test_fidelity_takes_the_exact_reference_from_an_exact_pi_run(tmp_path: Path) -> None:
