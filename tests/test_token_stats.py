@@ -69,3 +69,22 @@ def test_sample_tokens_follow_q_when_most_of_the_row_is_subnormal():
     assert set(draws.tolist()) <= {0, 4_000, 9_999}  # a token of q < 1.2e-38 never comes out
     counts = torch.stack([(draws == t).sum() for t in (0, 4_000, 9_999)])
     assert pearson_test(counts, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))[2] > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(math.nan, "NaN or \\+inf logits"), (math.inf, "NaN or \\+inf logits"), (None, "all -inf")],
+)
+def test_next_token_stats_names_bad_logits(bad, message):
+    from egps_ppl.errors import NumericalError
+
+    logits = torch.randn(4, 50)
+    logits[1, :10] = -math.inf  # some -inf is fine
+    if bad is None:
+        logits[2] = -math.inf
+    else:
+        logits[2, 7] = bad
+    with pytest.raises(NumericalError, match=message):
+        next_token_stats(logits, PowerPolicy(4.0))
+    logits[2] = 0.0
+    assert torch.isfinite(next_token_stats(logits, PowerPolicy(4.0)).entropy).all()
