@@ -88,3 +88,10 @@ def test_next_token_stats_names_bad_logits(bad, message):
         next_token_stats(logits, PowerPolicy(4.0))
     logits[2] = 0.0
     assert torch.isfinite(next_token_stats(logits, PowerPolicy(4.0)).entropy).all()
+
+
+def test_half_types_are_not_flushed_at_their_own_tiny():
+    # float16's smallest normal is 6e-5: flushing there would drop real probabilities.
+    x = torch.tensor([-10.0, -12.0], dtype=torch.float16)
+    assert (exp_flushed(x) > 0).all()
+    assert torch.equal(logsumexp_flushed(x.view(1, 2)), torch.logsumexp(x.view(1, 2), -1))
