@@ -15,8 +15,8 @@ reached, and — when the frontier's run directories are beside it — the paire
 frontier point over the same problems (a point's accuracy per problem averaged over its seeds), over all problems
 and over the certified ones (bound <= 0.05), where π's accuracy is known to ±0.05. This is the accuracy every
 exact sampler of π converges to (not a ceiling: a chain that has not converged can score above it). Each line also
-keeps π's :data:`TOP` most probable completions (text, π share of the mass found, log p, tokens, answer), to read
-what π prefers; ``--problems`` restricts a run to named problems.
+keeps π's :data:`TOP` most probable completions (text, π share of the mass found, log p, tokens, answer) and the
+most probable correct one, to read what π prefers; ``--problems`` restricts a run to named problems.
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def exact_answer_distribution(
     answers: dict[str, float] = {}
     for (text, _), p in marginal.items():
         answers[text] = answers.get(text, 0.0) + p
-    top = [
-        {"pi": math.exp(alpha * lp - found.log_found), "log_p": lp, "tokens": len(ids), "answer": ans,
-         "correct": ok, "text": lm.decode(list(ids))}
-        for ids, lp, (ans, ok) in zip(found.completions[:TOP], found.log_p, found.answers, strict=False)
-    ]  # fmt: skip
+
+    def shown(i: int) -> dict[str, Any]:
+        (ans, ok), lp, ids = found.answers[i], found.log_p[i], found.completions[i]
+        return {"pi": math.exp(alpha * lp - found.log_found), "log_p": lp, "tokens": len(ids), "answer": ans,
+                "correct": ok, "text": lm.decode(list(ids))}  # fmt: skip
+
+    correct = next((i for i, (_, ok) in enumerate(found.answers) if ok), None)
     return {
         "problem_id": problem.id,
         "marginal": answers,
@@ -83,7 +85,8 @@ def exact_answer_distribution(
         "exhausted": found.exhausted,
         "scored_tokens": found.scored_tokens,
         "seconds": round(time.perf_counter() - started, 2),
-        "top": top,
+        "top": [shown(i) for i in range(min(TOP, len(found.completions)))],
+        "best_correct": None if correct is None else shown(correct),
     }
 
 

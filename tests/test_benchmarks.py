@@ -336,6 +336,8 @@ def test_exact_pi_quick_resumes_and_pairs(tmp_path: Path) -> None:
         assert 1 <= len(top) <= min(exact_pi.TOP, row["completions"]) and top[0]["log_p"] == row["best_log_p"]
         assert all(a["pi"] >= b["pi"] for a, b in itertools.pairwise(top)) and sum(t["pi"] for t in top) <= 1 + 1e-9
         assert all(t["answer"] in row["marginal"] and t["tokens"] >= 1 for t in top)
+        best = row["best_correct"]
+        assert (best is None) == (row["pi_accuracy"] == 0) and (best is None or best["correct"])
     assert payload["vs_points"] == {}  # no frontier run beside it
     low, high = payload["pi_accuracy_interval"]
     assert low <= payload["pi_accuracy"] <= high and payload["certified"]["problems"] == 0  # tiny-gpt2: no bound
