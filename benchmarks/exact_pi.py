@@ -31,6 +31,7 @@ from typing import Any
 
 from benchmarks.common import environment, set_threads
 from benchmarks.frontier import _records, mean_se, paired
+from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "exact_pi"
 FOLDER = "exact-pi"
@@ -201,8 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--top-children", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="prefixes followed together (one forward call)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_dtype_options(parser)
     parser.add_argument("--out", default="runs/frontier")
     parser.add_argument("--problems", default=None, help="comma-separated problem ids to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny-gpt2, 2 problems, 6 tokens, greedy children")

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "fidelity"
 METHODS = ("mh", "entropy-cut-mh", "egps", "egps-local")
@@ -334,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_dtype_options(parser)
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=4.0)

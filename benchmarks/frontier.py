@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import environment, new_figure, set_threads
+from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "frontier"
 
@@ -353,8 +354,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: str, out: str, 
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_dtype_options(parser)
     parser.add_argument("--points", default=None, help="comma-separated point labels to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="do not run anything; report what is in --out")
     parser.add_argument("--out", default=out)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "THREADS_HELP",
+    "add_device_dtype_options",
     "add_device_options",
     "add_model_option",
     "prompt_ids",
@@ -32,8 +33,13 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--threads`` and ``--dtype``."""
-    parser.add_argument("--device", default="cpu")
+    add_device_dtype_options(parser)
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+
+def add_device_dtype_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` of the model (the benchmarks add these with their own ``--threads``)."""
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
