@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, new_figure
+from benchmarks.common import environment, new_figure, run_cli
 from benchmarks.frontier import Point, add_run_arguments, markdown_table, report, run_selected
 
 NAME = "ablations"
@@ -179,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

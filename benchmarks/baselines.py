@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 from benchmarks.egps_speedup import branch_bits, exact_summary, noise_floor, total_variation
 from egps_ppl.evals.methods import load_method
 from egps_ppl.models.testbeds import sparse_decision
@@ -354,4 +354,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 
 NAME = "batched_eval"
 METHODS = ("mh", "egps", "low-temp", "plain")
@@ -222,4 +222,4 @@ def _plot(results: dict[str, Any]) -> Any:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main, NAME)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads
 
 NAME = "block_entropy"
 BLOCKS = (8, 16, 32, 48)
@@ -157,4 +157,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,6 +24,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Default output folder: ``benchmarks/results`` next to this file."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(main: Callable[[], Any], name: str) -> None:
+    """Run a benchmark's ``main`` from the command line: an :class:`~egps_ppl.errors.EGPSError` (bad input, a run
+    directory written with other settings) ends it with one line naming the benchmark, not a traceback."""
+    from egps_ppl.errors import EGPSError
+
+    try:
+        main()
+    except EGPSError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
 
 
 def set_threads(threads: int | None) -> int:
@@ -181,6 +192,7 @@ __all__ = [
     "jsonable",
     "median",
     "new_figure",
+    "run_cli",
     "set_threads",
     "write_results",
 ]

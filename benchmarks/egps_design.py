@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 from benchmarks.egps_speedup import ALPHA, TV_THRESHOLD, Settings, exact_summary, run_kernel
 from egps_ppl.kernels.base import Kernel
 from egps_ppl.kernels.mtm import MultipleTryMetropolis
@@ -355,4 +355,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    run_cli(main, NAME)

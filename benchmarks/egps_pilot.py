@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import run_cli
 from egps_ppl.kernels.presets import build_kernel, make_egps
 
 ALPHA = 4.0
@@ -270,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "egps_pilot")

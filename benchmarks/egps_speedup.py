@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 from egps_ppl.kernels.presets import PRESETS, build_kernel
 from egps_ppl.models.exact import ExactPower
 from egps_ppl.models.testbeds import SparseDecisionModel, branch_probabilities, sparse_decision
@@ -859,4 +859,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

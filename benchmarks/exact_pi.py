@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, set_threads
+from benchmarks.common import environment, run_cli, set_threads
 from benchmarks.frontier import _records, mean_se, paired
 from egps_ppl.cli.common import add_device_dtype_options
 
@@ -140,9 +140,17 @@ def reusable(row: dict[str, Any], settings: dict[str, Any], tol: float, max_expa
     return row["tv_bound"] <= tol or row.get("exhausted", False) or row["expansions"] >= max_expansions
 
 
+def enumeration_settings(
+    *, model: str, task: str, alpha: float, max_new_tokens: int, tol: float, top_children: int, dtype: str
+) -> dict[str, Any]:
+    """What a saved line of ``problems.jsonl`` must match to be reused (everything but the budget)."""
+    return {"model": model, "task": task, "alpha": alpha, "max_new_tokens": max_new_tokens, "tol": tol,
+            "top_children": top_children, "dtype": dtype}  # fmt: skip
+
+
 def _settings(args: argparse.Namespace, budget: bool = True) -> dict[str, Any]:
-    out = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
-           "tol": args.tol, "top_children": args.top_children, "dtype": args.dtype}  # fmt: skip
+    out = enumeration_settings(model=args.model, task=args.task, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                               tol=args.tol, top_children=args.top_children, dtype=args.dtype)  # fmt: skip
     return {**out, "max_expansions": args.max_expansions} if budget else out
 
 
@@ -225,4 +233,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

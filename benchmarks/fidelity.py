@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "fidelity"
@@ -104,7 +104,7 @@ def _stage(folder: Path, name: str, settings: dict[str, Any], compute: Any) -> A
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.exact_pi import exact_answer_distribution, reusable
+    from benchmarks.exact_pi import enumeration_settings, exact_answer_distribution, reusable
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.infer import MCMCSampler
     from egps_ppl.infer.batched import Unit, run_units
@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     reuse = {}  # lines of a benchmarks.exact_pi run with the same settings (--exact-from)
     if args.exact_from:
-        wanted = {"model": args.model, "task": args.task, "alpha": args.alpha, "max_new_tokens": args.max_new_tokens,
-                  "tol": args.exact_tol, "top_children": args.exact_top_children, "dtype": args.dtype}  # fmt: skip
+        wanted = enumeration_settings(model=args.model, task=args.task, alpha=args.alpha,
+                                      max_new_tokens=args.max_new_tokens, tol=args.exact_tol,
+                                      top_children=args.exact_top_children, dtype=args.dtype)  # fmt: skip
         for line in Path(args.exact_from).read_text().splitlines():
             row = json.loads(line)
             if reusable(row, wanted, args.exact_tol, args.exact_expansions):
@@ -390,4 +391,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

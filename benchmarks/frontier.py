@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, new_figure, set_threads
+from benchmarks.common import environment, new_figure, run_cli, set_threads
 from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "frontier"
@@ -425,4 +425,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

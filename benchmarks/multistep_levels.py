@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, set_threads
+from benchmarks.common import RESULTS_DIR, environment, run_cli, set_threads
 
 NAME = "multistep_levels"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

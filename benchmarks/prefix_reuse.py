@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Timer, environment, median, new_figure, set_threads, write_results
+from benchmarks.common import Timer, environment, median, new_figure, run_cli, set_threads, write_results
 from egps_ppl.evals.tasks import encode_prompt
 from egps_ppl.kernels import MetropolisHastings
 from egps_ppl.models.hf import HFModel
@@ -602,4 +602,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
 
 NAME = "subnormal"
 MODES = ("flushed", "plain")
@@ -190,4 +190,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, set_threads
+from benchmarks.common import RESULTS_DIR, environment, run_cli, set_threads
 
 NAME = "try_sharing"
 
@@ -105,4 +105,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, NAME)

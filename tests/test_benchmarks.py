@@ -398,3 +398,35 @@ def test_subnormal_quick(tmp_path: Path) -> None:
     from egps_ppl.models import base, policy
 
     assert base.exp_flushed is policy.exp_flushed and policy.logsumexp_flushed.__module__ == policy.__name__
+
+
+def test_precision_quick(tmp_path: Path) -> None:
+    from benchmarks import precision
+
+    result = precision.main(["--quick", "--out", str(tmp_path)])
+    num = result["numerics"]
+    assert num["sequences"] == 4 * 4 and num["mean_tokens"] > 0
+    # float32 records the same log p while decoding as when teacher forcing; bf16 moves log p at all.
+    assert num["decode_vs_forced"]["float32"]["max"] < 1e-3
+    assert num["abs_dlogp_per_sequence"]["mean"] > 0
+    flips, pairs = map(int, num["order_flips"].split("/"))
+    assert 0 <= flips <= pairs == num["pairs"]
+    for entry in result["speed"].values():
+        for dtype in precision.DTYPES:
+            assert entry[dtype]["cpu_s"] > 0 and 0.0 <= entry[dtype]["accuracy"] <= 1.0
+    assert (tmp_path / "precision.png").stat().st_size > 0
+
+
+def test_run_cli_one_line_error() -> None:
+    from benchmarks.common import run_cli
+    from egps_ppl.errors import EGPSError
+
+    def bad() -> None:
+        raise EGPSError("cannot resume x: the run used different settings (dtype: was 'float32', now 'bfloat16')")
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(bad, "frontier")
+    assert str(info.value.code) == (
+        "frontier: cannot resume x: the run used different settings (dtype: was 'float32', now 'bfloat16')"
+    )
+    run_cli(lambda: None, "frontier")  # a normal return passes through
