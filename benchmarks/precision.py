@@ -5,6 +5,7 @@
     python -m benchmarks.precision                       # SmolLM2-135M, 32 arithmetic units
     python -m benchmarks.precision --quick               # tiny-gpt2, 4 units (seconds; the tests)
     python -m benchmarks.precision --docs docs/benchmarks
+    python -m benchmarks.precision --device cuda --model HUB_ID   # the same question on a GPU (wall seconds)
 
 CPUs with AMX or AVX512-BF16 units (Intel Sapphire Rapids and later, AMD Zen 4 and later) multiply bf16 matrices
 several times faster than float32 ones, so ``--dtype bfloat16`` can pay on the CPU too. But the power target is
@@ -12,8 +13,8 @@ several times faster than float32 ones, so ``--dtype bfloat16`` can pay on the C
 such sums. Both models are loaded in one process and measured side by side:
 
 1. **Speed**: the batched evaluation (:func:`egps_ppl.evals.runner.evaluate_batched`) of the same units with
-   ``low-temp`` and ``mh`` (2 steps), CPU seconds of this process per dtype (the dtypes alternate, ``--rounds``
-   times, and the median is kept), and the accuracy each dtype's records get.
+   ``low-temp`` and ``mh`` (2 steps), CPU seconds of this process (wall seconds on a GPU) per dtype (the dtypes
+   alternate, ``--rounds`` times, and the median is kept), and the accuracy each dtype's records get.
 2. **Numerics**: ``--samples`` completions per problem drawn by the float32 model at temperature 1/α, scored by
    teacher forcing under both models. Reported: ``|Δ log p|`` per sequence and per token (bf16 − float32); the
    error of a log ratio ``log p(a) − log p(b)`` between two completions of the same problem (what an MH
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,28 @@ def bf16_units() -> list[str] | None:
     return sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
 
 
-def speed(models: dict[str, Any], task: Any, units: int, alpha: float, max_new_tokens: int, rounds: int) -> dict:
-    """CPU seconds (median over ``rounds``) and accuracy of the batched evaluation per method and dtype."""
+def clock(device: str) -> Callable[[], float]:
+    """This process's CPU seconds on the CPU; wall seconds after the device's queue is done elsewhere."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return time.process_time
+
+    def wall() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return wall
+
+
+def speed(models: dict[str, Any], task: Any, units: int, alpha: float, max_new_tokens: int, rounds: int,
+          device: str = "cpu") -> dict:  # fmt: skip
+    """Seconds (:func:`clock`; median over ``rounds``) and accuracy of the batched evaluation per method and
+    dtype."""
     from egps_ppl.evals.methods import load_method
     from egps_ppl.evals.runner import evaluate_batched
 
+    now = clock(device)
     todo = [(i, p, 0) for i, p in enumerate(task.problems(units))]
     out: dict[str, Any] = {}
     for name, settings in (("low-temp", {}), ("mh", {"steps": 2})):
@@ -61,20 +80,20 @@ def speed(models: dict[str, Any], task: Any, units: int, alpha: float, max_new_t
         records: dict[str, list[dict[str, Any]]] = {}
         for _ in range(rounds):
             for dtype, lm in models.items():
-                started = time.process_time()
+                started = now()
                 records[dtype] = list(evaluate_batched(task, method, lm, todo, batch=units,
                                                        max_new_tokens=max_new_tokens))  # fmt: skip
-                seconds[dtype].append(time.process_time() - started)
+                seconds[dtype].append(now() - started)
         entry: dict[str, Any] = {}
         for dtype in models:
             rows = records[dtype]
             entry[dtype] = {
-                "cpu_s": round(statistics.median(seconds[dtype]), 2),
+                "seconds": round(statistics.median(seconds[dtype]), 2),
                 "accuracy": round(sum(r["correct"] for r in rows) / len(rows), 4),
                 "decode_tokens": sum(r["decode_tokens"] for r in rows),
             }
         a, b = records["float32"], records["bfloat16"]
-        entry["speedup"] = round(entry["float32"]["cpu_s"] / max(entry["bfloat16"]["cpu_s"], 1e-9), 2)
+        entry["speedup"] = round(entry["float32"]["seconds"] / max(entry["bfloat16"]["seconds"], 1e-9), 2)
         pairs = list(zip(a, b, strict=True))
         entry["same_completion"] = f"{sum(x['completion'] == y['completion'] for x, y in pairs)}/{len(a)}"
         entry["same_correctness"] = f"{sum(x['correct'] == y['correct'] for x, y in pairs)}/{len(a)}"
@@ -147,10 +166,11 @@ def plot(result: dict[str, Any]) -> Any:
     fig, axes = new_figure(1, 2, size=(4.6, 3.4))
     e2e = result["speed"]
     for i, dtype in enumerate(DTYPES):
-        values = [e2e[m][dtype]["cpu_s"] for m in e2e]
+        values = [e2e[m][dtype]["seconds"] for m in e2e]
         axes[0, 0].bar([j + 0.38 * i for j in range(len(e2e))], values, width=0.38, label=dtype)
     axes[0, 0].set_xticks([j + 0.19 for j in range(len(e2e))], list(e2e))
-    axes[0, 0].set_ylabel("CPU seconds, batched evaluation")
+    unit = "CPU" if result["config"]["device"] == "cpu" else "wall"
+    axes[0, 0].set_ylabel(f"{unit} seconds, batched evaluation")
     axes[0, 0].set_title(f"{result['config']['units']} arithmetic units")
     axes[0, 0].legend()
     num = result["numerics"]
@@ -177,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per dtype (median reported)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of both models (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--docs", default=None, help="copy the plot into this folder")
@@ -189,22 +210,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from egps_ppl.evals.tasks import load_task
     from egps_ppl.models.registry import load_model
 
-    models = {dtype: load_model(args.model, dtype=dtype) for dtype in DTYPES}
+    models = {dtype: load_model(args.model, device=args.device, dtype=dtype) for dtype in DTYPES}
     task = load_task("arithmetic")
     prompts = [task.build_prompt(p, models["float32"]) for p in task.problems(args.units)]
     result: dict[str, Any] = {
         "benchmark": NAME,
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "docs")} | {"threads": threads},
-        "environment": environment() | {"cpu_bf16_units": bf16_units()},
+        "environment": environment() | {"cpu_bf16_units": bf16_units() if args.device == "cpu" else None},
         "numerics": numerics(models, prompts, args.samples, args.alpha, args.max_new_tokens, args.seed),
-        "speed": speed(models, task, args.units, args.alpha, args.max_new_tokens, args.rounds),
+        "speed": speed(models, task, args.units, args.alpha, args.max_new_tokens, args.rounds, args.device),
     }
     json_path, png_path = write_results(NAME, result, args.out, plot(result))
     if args.docs and png_path is not None:
         Path(args.docs).mkdir(parents=True, exist_ok=True)
         (Path(args.docs) / png_path.name).write_bytes(png_path.read_bytes())
     for name, entry in result["speed"].items():
-        print(f"{name}: float32 {entry['float32']['cpu_s']} s, bfloat16 {entry['bfloat16']['cpu_s']} s "
+        print(f"{name}: float32 {entry['float32']['seconds']} s, bfloat16 {entry['bfloat16']['seconds']} s "
               f"({entry['speedup']}x); accuracy {entry['float32']['accuracy']} / {entry['bfloat16']['accuracy']}; "
               f"same completion {entry['same_completion']}")  # fmt: skip
     num = result["numerics"]

@@ -413,7 +413,7 @@ def test_precision_quick(tmp_path: Path) -> None:
     assert 0 <= flips <= pairs == num["pairs"]
     for entry in result["speed"].values():
         for dtype in precision.DTYPES:
-            assert entry[dtype]["cpu_s"] > 0 and 0.0 <= entry[dtype]["accuracy"] <= 1.0
+            assert entry[dtype]["seconds"] > 0 and 0.0 <= entry[dtype]["accuracy"] <= 1.0
     assert (tmp_path / "precision.png").stat().st_size > 0
 
 
