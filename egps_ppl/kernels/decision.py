@@ -203,8 +203,7 @@ class HotWindowProposal:
         windows = self._widths.draw_windows(target, state, cut, num_tries, generator)  # drawn at window_policy
         spliced = windows.spliced.with_(policy=self.policy)
         proposed, rescored = target.lm.score(spliced, torch.where(windows.moving, windows.start, spliced.length))
-        lo = torch.where(cut >= 0, cut, state.length)
-        reverse, reverse_cost = self._window_log_q(target, state, cut, lo, lo + windows.width)
+        reverse, reverse_cost = self._window_log_q(target, state, cut, *windows.own)
         return windows.tries(proposed, rescored, reverse, reverse_cost)
 
     def _window_log_q(

@@ -277,8 +277,7 @@ class WindowProposal:
         windows = self.draw_windows(target, state, cut, num_tries, generator)
         splice = windows.valid & windows.has_tail
         proposed, rescored = target.lm.score(windows.spliced, torch.where(splice, windows.end, windows.spliced.length))
-        lo = torch.where(cut >= 0, cut, state.length)
-        return windows.tries(proposed, rescored, state.total("logq", lo, lo + windows.width))
+        return windows.tries(proposed, rescored, state.total("logq", *windows.own))
 
     def draw_windows(
         self,
@@ -344,6 +343,13 @@ class Windows:
     has_tail: torch.Tensor
     valid: torch.Tensor
     cost: Cost
+
+    @property
+    def own(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per chain, the bounds ``(lo, hi)`` of x's own window: from the cut (or the length, for a chain without
+        one) to ``W`` tokens after it."""
+        lo = self.start.view(self.width.shape[0], -1)[:, 0]
+        return lo, lo + self.width
 
     def tries(
         self, proposed: Sequences, rescored: Cost, log_q_reverse: torch.Tensor, extra: Cost | None = None
