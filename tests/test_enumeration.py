@@ -10,6 +10,7 @@ import torch
 from egps_ppl.analysis.enumeration import enumerate_power
 from egps_ppl.errors import EGPSError
 from egps_ppl.models.exact import ExactPower
+from egps_ppl.models.markov import MarkovLM
 from egps_ppl.models.testbeds import random_markov, sparse_decision
 from egps_ppl.target import PowerDistribution
 
@@ -111,3 +112,21 @@ def test_bad_input() -> None:
             enumerate_power(target, **kwargs)
     with pytest.raises(EGPSError, match="no completion"):
         enumerate_power(target, tol=0.0, max_expansions=1).marginal()
+
+
+def test_certifies_when_pi_mass_is_below_1e_12() -> None:
+    # A long, peaked completion at α = 8: the mode's p^α is e^-28.6, below 1e-12. The unexplored mass beyond each
+    # prefix's generated children must be bounded relative to itself: a slack scaled to the prefix's whole mass
+    # (what the bound once added) outweighs π's mass here and stalled the bound at 0.32 after 5,000 expansions.
+    row = torch.tensor([1e-9, 0.8, 0.2 - 2e-9, 1e-9], dtype=torch.float64)
+    trans = row.repeat(4, 1)
+    trans[0] = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    model = MarkovLM(row, trans, eos_token_id=0)
+    target = PowerDistribution(model, prompt=[], alpha=8.0, max_new_tokens=16)
+    found = enumerate_power(target, lambda ids: ids.count(2), tol=0.05, top_children=2, batch=8, max_expansions=2000)
+    assert 8.0 * found.log_p[0] < math.log(1e-12)
+    assert found.tv_bound <= 0.05 and found.expansions < 2000
+    # The certificate is true: π restricted to what was found is within 1 - F/Z of π.
+    log_z = ExactPower(model, 8.0, 16).log_normalizer
+    assert 1.0 - math.exp(found.log_found - log_z) <= found.tv_bound + 1e-12
+    assert math.log(math.exp(found.log_found) + math.exp(found.log_rest_bound)) >= log_z - 1e-9

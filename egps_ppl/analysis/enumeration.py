@@ -48,6 +48,10 @@ from egps_ppl.target import PowerDistribution
 
 AnswerFn = Callable[[list[int]], Hashable]
 
+SLACK = 1e-9
+"""Added to every logarithm of a bound on unexplored mass (a relative ``1e-9``), so that float64 rounding of the
+sum never lowers the bound."""
+
 
 @dataclass
 class PowerEnumeration:
@@ -242,12 +246,14 @@ def enumerate_power(
         child_lp, ids = child_lp[keep], ids[keep]
         if child_lp.numel() == 0:
             return None
-        log_all = float(torch.logsumexp(alpha * logp, dim=0))
-        # log Σ_{rank >= j} p^α for j = 0..k-1, then the children beyond the best k (log of a difference).
+        # log Σ_{rank >= j} p^α for j = 0..k-1, then the children beyond the best k: summed directly (a difference
+        # of sums would lose them to rounding at large α, and a slack scaled to the whole sum would swamp π's mass).
         suffix = torch.logcumsumexp((alpha * child_lp).flip(0), dim=0).flip(0)
         beyond = -math.inf
-        if lm.vocab_size > K:  # rounding must never lower the bound: keep 1e-12 of slack
-            beyond = _logaddexp(_log_diff(log_all, float(suffix[0])), log_all - 27.7)
+        if lm.vocab_size > K:
+            rest = alpha * logp
+            rest[ids] = -math.inf
+            beyond = float(torch.logsumexp(rest, dim=0)) + SLACK  # rounding must never lower the bound
         log_rest = [_logaddexp(float(v), beyond) for v in suffix] + [beyond]
         parents.append(_Parent(tokens, log_p, child_lp.tolist(), ids.tolist(), log_rest))
         taken(len(parents) - 1, 0)
@@ -323,16 +329,6 @@ def enumerate_power(
     found.log_p = [found.log_p[n] for n in order]
     found.answers = [found.answers[n] for n in order]
     return found
-
-
-def _log_diff(a: float, b: float) -> float:
-    """``log(e^a - e^b)`` for ``a >= b``, ``-inf`` when the difference is (numerically) not positive."""
-    if b == -math.inf:
-        return a
-    d = a - b
-    if d <= 1e-12:
-        return -math.inf
-    return a + math.log1p(-math.exp(-d))
 
 
 __all__ = ["PowerEnumeration", "enumerate_power"]
