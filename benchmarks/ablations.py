@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, new_figure, run_cli
+from benchmarks.common import copy_plots, environment, new_figure, run_cli
 from benchmarks.frontier import Point, add_run_arguments, markdown_table, report, run_selected
 
 NAME = "ablations"
@@ -171,9 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table[2:] = [f"| {axes_of[line.split('|')[1].strip()]} {line}" for line in table[2:]]
         (out / "ablations.md").write_text("\n".join(table) + "\n")
         png = _plot(result, axes_of, task_name, out / f"ablations_{task_name}.png")
-        if args.docs:
-            Path(args.docs).mkdir(parents=True, exist_ok=True)
-            shutil.copy(png, Path(args.docs) / png.name)
+        copy_plots(args.docs, png)
     print(f"wrote {out / 'ablations.json'}")
     return payload
 

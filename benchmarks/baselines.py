@@ -29,7 +29,6 @@ Wall-clock numbers are for one process with ``torch.set_num_threads(1)`` on a sh
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, copy_plots, environment, new_figure, run_cli, set_threads, write_results
 from benchmarks.egps_speedup import branch_bits, exact_summary, noise_floor, total_variation
 from egps_ppl.evals.methods import load_method
 from egps_ppl.models.testbeds import sparse_decision
@@ -345,10 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     write_results(NAME, payload, out)
     pngs = plot(payload, out)
-    if args.docs:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        for png in pngs:
-            shutil.copy(png, Path(args.docs) / png.name)
+    copy_plots(args.docs, *pngs)
     print(markdown_tables(payload))
     return payload
 

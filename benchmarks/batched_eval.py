@@ -35,12 +35,11 @@ import ctypes
 import gc
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, copy_plots, environment, new_figure, run_cli, set_threads, write_results
 
 NAME = "batched_eval"
 METHODS = ("mh", "egps", "low-temp", "plain")
@@ -189,9 +188,7 @@ def _write(
         "goal": "≥ 5x units/s at the best batch for mh and egps on a 2-core CPU",
     }
     json_path, png_path = write_results(NAME, payload, args.out, _plot(results))
-    if args.docs and png_path is not None:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(png_path, Path(args.docs) / png_path.name)
+    copy_plots(args.docs, png_path)
     return json_path
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads
+from benchmarks.common import RESULTS_DIR, copy_plots, environment, new_figure, run_cli, set_threads
 
 NAME = "block_entropy"
 BLOCKS = (8, 16, 32, 48)
@@ -149,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"benchmark": NAME, "runs": runs, "environment": environment()}
     (out / f"{NAME}.json").write_text(json.dumps(payload, indent=2) + "\n")
     png = _plot(everything, out / f"{NAME}.png", "entropy mass of completion blocks")
-    if args.docs:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, Path(args.docs) / png.name)
+    copy_plots(args.docs, png)
     print(json.dumps(runs, indent=2))
     return payload
 

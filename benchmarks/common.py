@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,25 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Default output folder: ``benchmarks/results`` next to this file."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_plots(docs: str | Path | None, *paths: Path | None) -> None:
+    """Copy each written plot (``None``: none was written) into the ``--docs`` folder, if one was given."""
+    if not docs:
+        return
+    Path(docs).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if path is not None:
+            shutil.copy(path, Path(docs) / path.name)
+
+
+def grouped_bars(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
+    """One bar per series side by side within each group (series in the legend, groups on the x axis)."""
+    width = 0.76 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + width * i for j in range(len(groups))], values, width=width, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], list(groups))
+    ax.legend()
 
 
 def run_cli(main: Callable[[], Any], name: str) -> None:
@@ -186,9 +206,11 @@ def new_figure(nrows: int, ncols: int, size: tuple[float, float] = (4.5, 3.4)) -
 __all__ = [
     "RESULTS_DIR",
     "Timer",
+    "copy_plots",
     "cpu_count",
     "environment",
     "git_commit",
+    "grouped_bars",
     "jsonable",
     "median",
     "new_figure",

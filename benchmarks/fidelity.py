@@ -41,14 +41,13 @@ import argparse
 import json
 import math
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
+from benchmarks.common import RESULTS_DIR, copy_plots, environment, new_figure, run_cli, set_threads, write_results
 from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "fidelity"
@@ -383,9 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "docs")}
     payload = {"benchmark": NAME, "config": {**config, "threads": threads}, "environment": environment(), **result}
     json_path, png_path = write_results(NAME, payload, args.out, plot(result, Path(args.out)))
-    if args.docs and png_path is not None:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(png_path, Path(args.docs) / png_path.name)
+    copy_plots(args.docs, png_path)
     print(f"wrote {json_path}")
     return json.loads(json_path.read_text())
 

@@ -33,13 +33,12 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, new_figure, run_cli, set_threads
+from benchmarks.common import copy_plots, environment, new_figure, run_cli, set_threads
 from egps_ppl.cli.common import add_device_dtype_options
 
 NAME = "frontier"
@@ -417,9 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if result["points"]:
         (out / "frontier.md").write_text(markdown_table(result) + "\n")
     png = plot(result, task_name, out / f"frontier_{task_name}.png") if result["points"] else None
-    if args.docs and png is not None:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, Path(args.docs) / png.name)
+    copy_plots(args.docs, png)
     print(f"wrote {out / 'frontier.json'}")
     return payload
 

@@ -34,7 +34,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    copy_plots,
+    environment,
+    grouped_bars,
+    new_figure,
+    run_cli,
+    set_threads,
+    write_results,
+)
 
 NAME = "precision"
 DTYPES = ("float32", "bfloat16")
@@ -165,14 +174,10 @@ def numerics(models: dict[str, Any], prompts: list[list[int]], samples: int, alp
 def plot(result: dict[str, Any]) -> Any:
     fig, axes = new_figure(1, 2, size=(4.6, 3.4))
     e2e = result["speed"]
-    for i, dtype in enumerate(DTYPES):
-        values = [e2e[m][dtype]["seconds"] for m in e2e]
-        axes[0, 0].bar([j + 0.38 * i for j in range(len(e2e))], values, width=0.38, label=dtype)
-    axes[0, 0].set_xticks([j + 0.19 for j in range(len(e2e))], list(e2e))
+    grouped_bars(axes[0, 0], list(e2e), {dtype: [e2e[m][dtype]["seconds"] for m in e2e] for dtype in DTYPES})
     unit = "CPU" if result["config"]["device"] == "cpu" else "wall"
     axes[0, 0].set_ylabel(f"{unit} seconds, batched evaluation")
     axes[0, 0].set_title(f"{result['config']['units']} arithmetic units")
-    axes[0, 0].legend()
     num = result["numerics"]
     labels = ["|Δ log p|\nper sequence", "|Δ log ratio|\nof a pair", "decode vs\nforced, bf16",
               "decode vs\nforced, f32"]  # fmt: skip
@@ -221,9 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speed": speed(models, task, args.units, args.alpha, args.max_new_tokens, args.rounds, args.device),
     }
     json_path, png_path = write_results(NAME, result, args.out, plot(result))
-    if args.docs and png_path is not None:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        (Path(args.docs) / png_path.name).write_bytes(png_path.read_bytes())
+    copy_plots(args.docs, png_path)
     for name, entry in result["speed"].items():
         print(f"{name}: float32 {entry['float32']['seconds']} s, bfloat16 {entry['bfloat16']['seconds']} s "
               f"({entry['speedup']}x); accuracy {entry['float32']['accuracy']} / {entry['bfloat16']['accuracy']}; "

@@ -32,10 +32,18 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, environment, new_figure, run_cli, set_threads, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    copy_plots,
+    environment,
+    grouped_bars,
+    new_figure,
+    run_cli,
+    set_threads,
+    write_results,
+)
 
 NAME = "subnormal"
 MODES = ("flushed", "plain")
@@ -127,21 +135,13 @@ def plot(result: dict[str, Any]) -> Any:
     fig, axes = new_figure(1, 2, size=(4.6, 3.4))
     step = result["per_step"]
     labels = ["next_token_stats", "sample_tokens"]
-    for i, mode in enumerate(MODES):
-        values = [step[mode][f"{k}_ms"] for k in labels]
-        axes[0, 0].bar([j + 0.38 * i for j in range(2)], values, width=0.38, label=mode)
-    axes[0, 0].set_xticks([0.19, 1.19], labels)
+    grouped_bars(axes[0, 0], labels, {mode: [step[mode][f"{k}_ms"] for k in labels] for mode in MODES})
     axes[0, 0].set_ylabel(f"ms per call ({step['rows']} rows x {step['vocab']} tokens)")
     axes[0, 0].set_title("one decode step's statistics")
-    axes[0, 0].legend()
     e2e = result["end_to_end"]
-    for i, mode in enumerate(MODES):
-        values = [e2e[m][f"{mode}_cpu_s"] for m in e2e]
-        axes[0, 1].bar([j + 0.38 * i for j in range(len(e2e))], values, width=0.38, label=mode)
-    axes[0, 1].set_xticks([j + 0.19 for j in range(len(e2e))], list(e2e))
+    grouped_bars(axes[0, 1], list(e2e), {mode: [e2e[m][f"{mode}_cpu_s"] for m in e2e] for mode in MODES})
     axes[0, 1].set_ylabel("CPU seconds, batched evaluation")
     axes[0, 1].set_title(f"{result['config']['units']} arithmetic units")
-    axes[0, 1].legend()
     fig.tight_layout()
     return fig
 
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "end_to_end": end_to_end(lm, task, args.units, args.alpha, args.max_new_tokens),
     }
     json_path, png_path = write_results(NAME, result, args.out, plot(result))
-    if args.docs and png_path is not None:
-        Path(args.docs).mkdir(parents=True, exist_ok=True)
-        (Path(args.docs) / png_path.name).write_bytes(png_path.read_bytes())
+    copy_plots(args.docs, png_path)
     step = result["per_step"]
     print(f"per step: stats {step['plain']['next_token_stats_ms']} -> {step['flushed']['next_token_stats_ms']} ms, "
           f"draw {step['plain']['sample_tokens_ms']} -> {step['flushed']['sample_tokens_ms']} ms")  # fmt: skip

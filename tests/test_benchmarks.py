@@ -430,3 +430,14 @@ def test_run_cli_one_line_error() -> None:
         "frontier: cannot resume x: the run used different settings (dtype: was 'float32', now 'bfloat16')"
     )
     run_cli(lambda: None, "frontier")  # a normal return passes through
+
+
+def test_copy_plots(tmp_path: Path) -> None:
+    from benchmarks.common import copy_plots
+
+    png = tmp_path / "a.png"
+    png.write_bytes(b"png")
+    copy_plots(None, png)  # no --docs: nothing to do
+    copy_plots(tmp_path / "docs", png, None)  # a plot that was not written is skipped
+    assert (tmp_path / "docs" / "a.png").read_bytes() == b"png"
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == ["a.png"]
